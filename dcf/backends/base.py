@@ -1,0 +1,61 @@
+"""The backend interface: start, stop and watch replicas, nothing else.
+
+A replica, wherever it runs, serves the framing in ``dcf.wire`` at its
+``address`` (a unix socket path, or ``tcp://host:port``), so the gateway's
+router talks to every backend's replicas the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+LogSink = Callable[[str, str], None]
+"""Called with (replica id, one line of its output)."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    function: str
+    version: int
+    replica_id: str
+    code_dir: str
+    handler_file: str
+    handler_name: str
+    python: str
+    environment: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+    cpu: float | None = None
+    memory: int | None = None
+    gpu: int = 0
+
+
+class ReplicaFailed(Exception):
+    """The replica could not start; ``reason`` is what the user must see (e.g. a traceback)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Replica(Protocol):
+    id: str
+    address: str
+
+    async def ready(self) -> None:
+        """Return once the handler is loaded and serving; raise ``ReplicaFailed`` otherwise."""
+
+    async def exited(self) -> str:
+        """Wait until the replica ends; return why (e.g. 'exited with code 1')."""
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """End the replica, forcefully after ``grace`` seconds."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self, spec: ReplicaSpec, log: LogSink) -> Replica: ...
+
+    async def close(self) -> None: ...

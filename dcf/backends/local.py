@@ -1,0 +1,181 @@
+"""The embedded default: each replica is an OS process on this host.
+
+It needs nothing but Python. Output is piped back line by line for the logs;
+readiness comes over a pipe the moment the handler is loaded, with no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections import Counter
+
+from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
+
+# Settings of the gateway itself must not leak into functions.
+_PRIVATE_ENV = ("DCF_TOKEN", "DCF_HOME", "DCF_GATEWAY")
+
+
+def _visible_gpus() -> list[str]:
+    if "DCF_GPUS" in os.environ:
+        return [g for g in os.environ["DCF_GPUS"].split(",") if g.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+class LocalReplica:
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        proc: asyncio.subprocess.Process,
+        address: str,
+        status: asyncio.StreamReader,
+        pumps: list[asyncio.Task[None]],
+        release: list[str],
+        backend: LocalBackend,
+    ) -> None:
+        self.id = spec.replica_id
+        self.address = address
+        self.pid = proc.pid
+        self._proc = proc
+        self._status = status
+        self._pumps = pumps
+        self._gpus = release
+        self._backend = backend
+
+    async def ready(self) -> None:
+        line = await self._status.readline()
+        message = json.loads(line) if line.strip() else {}
+        if message.get("ready"):
+            return
+        if "failed" in message:
+            raise ReplicaFailed(message["failed"])
+        reason = await self.exited()
+        raise ReplicaFailed(f"replica {self.id} {reason} before it was ready")
+
+    async def exited(self) -> str:
+        code = await self._proc.wait()
+        # Drain the output so the last lines (often the reason) reach the log.
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        self._backend._release(self._gpus)
+        self._gpus = []
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        if code < 0:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+        await self.exited()
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, run_dir: str) -> None:
+        # Unix socket paths are limited to ~100 bytes, so they live in a short dir.
+        self._run_dir = run_dir
+        self._gpus = _visible_gpus()
+        self._gpu_use: Counter[str] = Counter({g: 0 for g in self._gpus})
+
+    def _claim(self, count: int, function: str) -> list[str]:
+        if count > len(self._gpus):
+            raise ReplicaFailed(
+                f"function {function!r} requests {count} GPU(s); this host has {len(self._gpus)}"
+            )
+        chosen = sorted(self._gpus, key=lambda g: self._gpu_use[g])[:count]
+        self._gpu_use.update(chosen)
+        return chosen
+
+    def _release(self, gpus: list[str]) -> None:
+        self._gpu_use.subtract(gpus)
+
+    async def start(self, spec: ReplicaSpec, log: LogSink) -> LocalReplica:
+        gpus = self._claim(spec.gpu, spec.function) if spec.gpu else []
+        address = os.path.join(self._run_dir, f"{spec.replica_id}.sock")
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env.update(spec.environment)
+        env.update(
+            HANDLER_DIR=spec.code_dir,
+            HANDLER_FILE=spec.handler_file,
+            HANDLER_NAME=spec.handler_name,
+            DCF_LISTEN=address,
+            DCF_FUNCTION=spec.function,
+            DCF_VERSION=str(spec.version),
+            DCF_REPLICA=spec.replica_id,
+            DCF_CONCURRENCY=str(spec.concurrency),
+            DCF_PARENT_PID=str(os.getpid()),
+            PYTHONUNBUFFERED="1",
+        )
+        if self._gpus:
+            # A CPU function must not take memory on a GPU another function was given.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if spec.memory:
+            env["DCF_MEMORY_LIMIT"] = str(spec.memory)
+        read_fd, write_fd = os.pipe()
+        env["DCF_STATUS_FD"] = str(write_fd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                spec.python,
+                "-m",
+                "dcf.runtime",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.code_dir,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(read_fd)
+            self._release(gpus)
+            raise ReplicaFailed(f"cannot start {spec.python}: {exc}") from None
+        finally:
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        status = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(status), os.fdopen(read_fd, "rb", 0)
+        )
+        assert proc.stdout is not None
+        pumps = [loop.create_task(_pump(proc.stdout, spec.replica_id, log))]
+        return LocalReplica(spec, proc, address, status, pumps, gpus, self)
+
+    async def close(self) -> None:
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+async def _pump(stream: asyncio.StreamReader, replica_id: str, log: LogSink) -> None:
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line longer than the stream limit: take what there is
+            line = await stream.read(1 << 16)
+        if not line:
+            return
+        log(replica_id, line.decode(errors="replace").rstrip("\n"))

@@ -1,0 +1,1 @@
+"""The ``dcf`` command: a thin shell over ``dcf.client``."""

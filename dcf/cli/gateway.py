@@ -1,0 +1,60 @@
+"""``dcf gateway start``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from dcf.gateway.app import DEFAULT_MAX_BODY
+
+
+@click.group()
+def gateway() -> None:
+    """Run the gateway."""
+
+
+@gateway.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=31113, show_default=True, type=int)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where replicas run.",
+)
+@click.option("--token", envvar="DCF_TOKEN", help="Require this bearer token for /system calls.")
+@click.option(
+    "--home",
+    envvar="DCF_HOME",
+    default=lambda: str(Path.home() / ".dcf"),
+    show_default="~/.dcf",
+    help="State directory (registry, code, envs, logs).",
+)
+@click.option(
+    "--max-body",
+    default=DEFAULT_MAX_BODY,
+    show_default=True,
+    type=int,
+    help="Largest request body in bytes (413 above).",
+)
+def start(host: str, port: int, backend: str, token: str | None, home: str, max_body: int) -> None:
+    """Start the gateway in the foreground."""
+    import uvicorn
+
+    from dcf.gateway.app import Settings, create_app
+
+    os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
+    app = create_app(Settings(home=Path(home), backend=backend, token=token, max_body=max_body))
+    click.echo(f"DCF gateway on http://{host}:{port} (backend {backend}, state in {home})")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        loop="auto",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )

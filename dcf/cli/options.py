@@ -1,0 +1,53 @@
+"""Options every command that talks to the gateway shares, and how errors are shown."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from dcf.client import Client, GatewayError
+
+
+def gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--token", envvar="DCF_TOKEN", help="Bearer token of the gateway.")(fn)
+    return click.option(
+        "-g",
+        "--gateway",
+        help="Gateway address (else dcf.gateway in config.yaml, $DCF_GATEWAY, 127.0.0.1:31113).",
+    )(fn)
+
+
+def gateway_from_config(path: str | Path | None) -> str | None:
+    """dcf.gateway of a config.yaml, read leniently: a broken file is reported elsewhere."""
+    file = Path(path) if path else Path("config.yaml")
+    try:
+        data = yaml.safe_load(file.read_text())
+        return str(data["dcf"]["gateway"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def client_for(
+    gateway: str | None, token: str | None, config: str | Path | None = None
+) -> Iterator[Client]:
+    """A client, with any gateway error turned into one line on stderr and exit 1."""
+    client = Client(gateway or gateway_from_config(config), token)
+    try:
+        yield client
+    except GatewayError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)

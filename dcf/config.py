@@ -1,0 +1,256 @@
+"""config.yaml: the functions a user deploys.
+
+Validated with errors that name the file, the function and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+RUNTIMES = {"python3": "Python 3 (this gateway's interpreter, with the function's requirements)"}
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
+
+
+class ConfigError(ValueError):
+    """A config.yaml problem; the message names the file, the function and the field."""
+
+
+def parse_duration(value: Any) -> float:
+    """``30s``, ``500ms``, ``2m``, ``1h`` or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 500ms, 2m)")
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+        seconds = float(match.group(1)) * scale
+    if seconds <= 0:
+        raise ValueError("must be more than zero")
+    return seconds
+
+
+def parse_memory(value: Any) -> int:
+    """Kubernetes-style quantities: ``512Mi``, ``1Gi``, ``1G``, or bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?\s*", str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a memory size (use e.g. 512Mi, 2Gi)")
+    return int(float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").lower()])
+
+
+def parse_cpu(value: Any) -> float:
+    """``"1"``, ``"0.5"`` or ``"500m"`` cores."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(m)?\s*", str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a CPU amount (use e.g. 1, 0.5, 500m)")
+    return float(match.group(1)) / (1000 if match.group(2) else 1)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HandlerSpec(Strict):
+    dir: str = "."
+    file: str = "handler.py"
+    name: str = "Handler"
+
+
+class Resources(Strict):
+    cpu: float | None = None
+    memory: int | None = None
+    gpu: int = 0
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, v: Any) -> float | None:
+        return None if v is None else parse_cpu(v)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> int | None:
+        return None if v is None else parse_memory(v)
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu(cls, v: Any) -> int:
+        return int(parse_cpu(v)) if v is not None else 0
+
+
+class Replicas(Strict):
+    min: int = Field(1, ge=0, le=64)
+    max: int | None = Field(None, ge=1, le=64)
+    target: int | None = Field(None, ge=1, description="in-flight calls per replica to aim for")
+    idle_timeout: float = Field(60.0, description="seconds idle before scaling to zero (min 0)")
+    scale_down_delay: float = Field(10.0, description="seconds of lower load before scaling down")
+
+    @field_validator("idle_timeout", "scale_down_delay", mode="before")
+    @classmethod
+    def _idle(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Replicas:
+        if self.max is None:
+            self.max = max(self.min, 1)
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is less than min ({self.min})")
+        return self
+
+
+class FunctionSpec(Strict):
+    """One function as the gateway stores it (the handler code travels separately)."""
+
+    name: str
+    runtime: str = "python3"
+    desc: str = ""
+    maintainer: str = ""
+    handler: HandlerSpec = HandlerSpec()
+    image: str = ""
+    environment: dict[str, str] = {}
+    requests: Resources = Resources()
+    limits: Resources = Resources()
+    replicas: Replicas = Replicas()
+    concurrency: int = Field(4, ge=1, le=1024)
+    max_queue: int = Field(256, ge=0, description="calls waiting for a replica before 429")
+    timeout: float = 30.0
+    build_args: dict[str, str] = {}
+    skip_build: bool = False
+    labels: dict[str, str] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid function name: use lowercase letters, digits and '-',"
+                " starting and ending with a letter or digit, at most 63 characters"
+            )
+        return v
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        if v not in RUNTIMES:
+            raise ValueError(f"unknown runtime {v!r}; available: {', '.join(RUNTIMES)}")
+        return v
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, v: Any) -> dict[str, str]:
+        if v is None:
+            return {}
+        if isinstance(v, list):
+            out = {}
+            for item in v:
+                if not isinstance(item, str) or "=" not in item:
+                    raise ValueError(f"list items must be 'KEY=value' strings, got {item!r}")
+                key, _, value = item.partition("=")
+                out[key.strip()] = value
+            return out
+        if isinstance(v, dict):
+            return {str(k): "" if val is None else str(val) for k, val in v.items()}
+        raise ValueError("must be a map of KEY: value or a list of 'KEY=value'")
+
+    @field_validator("build_args", "labels", mode="before")
+    @classmethod
+    def _str_map(cls, v: Any) -> dict[str, str]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a map")
+        return {str(k): str(val) for k, val in v.items()}
+
+
+class Project(BaseModel):
+    """A parsed config.yaml: the gateway address and its functions' specs and local dirs."""
+
+    path: Path
+    gateway: str | None = None
+    functions: dict[str, FunctionSpec] = {}
+
+    def handler_dir(self, name: str) -> Path:
+        return (self.path.parent / self.functions[name].handler.dir).resolve()
+
+
+def _format(file: Path, function: str | None, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(function)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {field!r}"
+        where = f"function {function!r}: " if function else ""
+        lines.append(f"{file}: {where}field {field!r}: {message}")
+    return "\n".join(lines)
+
+
+def parse_function(data: Any, name: str, file: Path | str = "<request>") -> FunctionSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: function {name!r}: must be a map of settings")
+    try:
+        return FunctionSpec.model_validate({**data, "name": name})
+    except ValidationError as exc:
+        raise ConfigError(_format(Path(file), name, exc)) from None
+
+
+def load_project(path: str | Path, check_dirs: bool = True) -> Project:
+    """Read and validate a config.yaml, as the CLI does before it uploads anything."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: must be a map with 'functions:' (and optionally 'dcf:')")
+    unknown = set(data) - {"dcf", "functions", "version", "provider"}
+    if unknown:
+        raise ConfigError(f"{file}: unknown key {sorted(unknown)[0]!r} at the top level")
+    dcf_section = data.get("dcf") or {}
+    if not isinstance(dcf_section, dict) or set(dcf_section) - {"gateway"}:
+        raise ConfigError(f"{file}: 'dcf' may only hold 'gateway'")
+    functions = data.get("functions") or {}
+    if not isinstance(functions, dict):
+        raise ConfigError(f"{file}: 'functions' must be a map of function name to settings")
+    project = Project(path=file.resolve(), gateway=dcf_section.get("gateway"))
+    for name, settings in functions.items():
+        spec = parse_function(settings, str(name), file)
+        project.functions[spec.name] = spec
+        if check_dirs:
+            directory = project.handler_dir(spec.name)
+            if not directory.is_dir():
+                raise ConfigError(
+                    f"{file}: function {spec.name!r}: field 'handler.dir': "
+                    f"directory {directory} does not exist"
+                )
+            if not (directory / spec.handler.file).is_file():
+                raise ConfigError(
+                    f"{file}: function {spec.name!r}: field 'handler.file': "
+                    f"{directory / spec.handler.file} does not exist"
+                )
+    return project

@@ -1,0 +1,151 @@
+"""The gateway: one ASGI app, the data plane in front of the management API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dcf import __version__
+from dcf.backends import create_backend
+from dcf.gateway.api import build_router
+from dcf.gateway.autoscaler import Autoscaler
+from dcf.gateway.functions import FunctionError, FunctionManager
+from dcf.gateway.invoke import ASYNC_PREFIX, PREFIX, Invoke
+from dcf.gateway.logs import LogStore
+from dcf.gateway.metrics import Metrics
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY = 32 << 20
+
+
+@dataclass
+class Settings:
+    home: Path
+    backend: str = "local"
+    token: str | None = None
+    max_body: int = DEFAULT_MAX_BODY
+    flush_interval: float = 5.0
+
+
+class Gateway:
+    """Holds the gateway's parts and routes each request to the one that serves it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.logs = LogStore(settings.home / "logs")
+        run_dir = tempfile.mkdtemp(prefix="dcf-")
+        self.backend = create_backend(settings.backend, run_dir)
+        self.manager = FunctionManager(settings.home, self.backend, self.logs, self.metrics)
+        self.metrics.add_state_collector(self.manager.snapshot)
+        self.invoke = Invoke(self.manager.routes, self.metrics, settings.max_body)
+        self.api = self._build_api()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith(PREFIX) or path.startswith(ASYNC_PREFIX):
+                await self.invoke(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        await self.manager.restore()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(Autoscaler(self.manager).run()),
+            loop.create_task(self._flush_forever()),
+        ]
+        try:
+            yield
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self.manager.flush()
+            await self.manager.close()
+            await self.backend.close()
+            self.logs.close()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            self.manager.flush()
+
+    def _build_api(self) -> FastAPI:
+        api = FastAPI(
+            title="DCF gateway",
+            version=__version__,
+            description="Deploy deep-learning models as serverless functions.",
+            lifespan=self.lifespan,
+        )
+        api.include_router(build_router(self.manager, self.settings.token, self.settings.backend))
+
+        @api.exception_handler(FunctionError)
+        async def function_error(request: Request, exc: FunctionError) -> JSONResponse:
+            name = request.path_params.get("name")
+            return JSONResponse({"error": exc.message, "function": name}, status_code=exc.status)
+
+        @api.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            return JSONResponse(
+                {"error": exc.detail, "function": request.path_params.get("name")},
+                status_code=exc.status_code,
+                headers=getattr(exc, "headers", None),
+            )
+
+        @api.exception_handler(RequestValidationError)
+        async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            return JSONResponse(
+                {
+                    "error": f"invalid request: {problems}",
+                    "function": request.path_params.get("name"),
+                },
+                status_code=400,
+            )
+
+        @api.get("/healthz", summary="Liveness of the gateway")
+        async def healthz() -> dict:
+            return {"status": "ok", "functions": len(self.manager.functions)}
+
+        @api.get("/metrics", summary="Prometheus metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @api.post(
+            "/function/{name}",
+            summary="Invoke a function",
+            description="The body goes to the handler as bytes; its answer comes back as is. "
+            "Errors are JSON {error, function}: 404 no such function, 413 body too large, "
+            "429 queue full (Retry-After), 502 replica died, 503 no replica ready, 504 timeout.",
+        )
+        async def invoke_doc(name: str, request: Request) -> None:  # pragma: no cover
+            """Served by the data plane before this router; listed here for the OpenAPI document."""
+
+        if (STATIC / "index.html").exists():
+            api.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
+
+            @api.get("/", include_in_schema=False)
+            async def root() -> RedirectResponse:
+                return RedirectResponse("/ui/")
+
+        return api
+
+
+def create_app(settings: Settings) -> Gateway:
+    return Gateway(settings)

@@ -1,0 +1,57 @@
+"""Replica counts follow load: up at once while calls queue, down slowly, to zero when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+
+from dcf.gateway.functions import FunctionManager, FunctionState
+
+INTERVAL = 0.25
+
+
+class Autoscaler:
+    def __init__(self, manager: FunctionManager, interval: float = INTERVAL) -> None:
+        self.manager = manager
+        self.interval = interval
+        # Recent wants per deployment: scaling down waits for them all to be lower.
+        self._history: dict[int, deque[tuple[float, int]]] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            for state in list(self.manager.functions.values()):
+                self.step(state, now)
+
+    def step(self, state: FunctionState, now: float) -> None:
+        live = state.live
+        if live is None or live.failure or live.stopping:
+            return
+        spec = live.spec
+        low, high = state.record.min_replicas, state.record.max_replicas
+        pool = live.pool
+        per_replica = spec.replicas.target or spec.concurrency
+        load = pool.inflight
+        want = min(max(math.ceil(load / per_replica), low), high)
+        if load and want == 0:
+            want = 1
+        history = self._history.setdefault(id(live), deque())
+        history.append((now, want))
+        while history and history[0][0] < now - spec.replicas.scale_down_delay:
+            history.popleft()
+        if want > live.desired:
+            live.scale(want)
+            return
+        if live.desired > low:
+            recent = max(w for _, w in history)
+            if recent < live.desired:
+                if recent == 0 and (load or now - pool.last_call < spec.replicas.idle_timeout):
+                    recent = 1  # zero only after the idle period
+                if recent < live.desired:
+                    self.manager.logs.write(
+                        state.name, "autoscaler", f"scaling {live.desired} → {recent} replicas"
+                    )
+                    live.scale(recent)

@@ -1,0 +1,403 @@
+"""The function lifecycle: create, update, scale, delete, and restore after a restart.
+
+Desired state lives in the registry; what runs lives in ``Deployment`` objects.
+``routes`` is the data plane's table, swapped in one step when an update's
+new replicas are ready, so no call ever finds a function half-switched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dcf.backends import Backend, ReplicaFailed
+from dcf.config import FunctionSpec
+from dcf.gateway.builder import Builder, BuildError
+from dcf.gateway.deployment import Deployment
+from dcf.gateway.logs import LogStore
+from dcf.gateway.metrics import Metrics
+from dcf.gateway.registry import FunctionRecord, Registry
+from dcf.gateway.router import Pool
+
+Progress = Callable[[str], None]
+MAX_ARCHIVE_FILES = 10_000
+
+
+class FunctionError(Exception):
+    """A management request the gateway refuses: ``status`` and a message naming why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class FunctionState:
+    name: str
+    record: FunctionRecord
+    live: Deployment | None = None
+    deploying: asyncio.Task[None] | None = None
+    last_error: str | None = None
+    retired: list[Deployment] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.invocations_before = self.record.invocations
+
+    @property
+    def status(self) -> str:
+        live = self.live
+        if live is None:
+            if self.deploying is not None:
+                return "Building"
+            return "Failed"
+        if live.failure:
+            return "Failed"
+        if live.ready:
+            return "Ready"
+        if live.desired == 0:
+            return "Scaled to zero"
+        return "Not Ready"
+
+
+class FunctionManager:
+    def __init__(self, home: Path, backend: Backend, logs: LogStore, metrics: Metrics) -> None:
+        self.home = home
+        self.backend = backend
+        self.logs = logs
+        self.metrics = metrics
+        self.registry = Registry(home / "dcf.db")
+        self.builder = Builder(home / "envs")
+        self.code_root = home / "functions"
+        self.routes: dict[str, Pool] = {}
+        self.functions: dict[str, FunctionState] = {}
+
+    # reading ----------------------------------------------------------------
+
+    def get(self, name: str) -> FunctionState:
+        state = self.functions.get(name)
+        if state is None:
+            raise FunctionError(404, f"no function named {name!r}")
+        return state
+
+    def invocations(self, state: FunctionState) -> int:
+        """Calls before this gateway started (registry) plus calls since (the metrics)."""
+        return state.invocations_before + sum(self.metrics.calls(state.name).values())
+
+    def info(self, name: str) -> dict:
+        state = self.get(name)
+        record, live = state.record, state.live
+        spec = live.spec if live else FunctionSpec.model_validate(record.spec)
+        calls = self.metrics.calls(name)
+        errors = sum(n for code, n in calls.items() if code >= 500)
+        return {
+            "name": name,
+            "status": state.status,
+            "version": live.version if live else record.version,
+            "runtime": spec.runtime,
+            "image": spec.image,
+            "desc": spec.desc,
+            "maintainer": spec.maintainer,
+            "invocations": self.invocations(state),
+            "errors": errors,
+            "latency": self.metrics.latency_quantiles(name),
+            "replicas": {
+                "min": record.min_replicas,
+                "max": record.max_replicas,
+                "desired": live.desired if live else 0,
+                "ready": live.ready if live else 0,
+                "restarts": live.restarts if live else 0,
+                "list": live.replicas_info() if live else [],
+            },
+            "inflight": live.pool.inflight if live else 0,
+            "queued": live.pool.queued if live else 0,
+            "failure": (live.failure if live else None) or record.failure,
+            "last_error": state.last_error,
+            "updating": state.deploying is not None and live is not None,
+            "spec": spec.model_dump(mode="json"),
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+        }
+
+    def list(self) -> list[dict]:
+        return [self.summary(name) for name in sorted(self.functions)]
+
+    def summary(self, name: str) -> dict:
+        state = self.functions[name]
+        live = state.live
+        spec = live.spec if live else FunctionSpec.model_validate(state.record.spec)
+        return {
+            "name": name,
+            "status": state.status,
+            "runtime": spec.runtime,
+            "image": spec.image,
+            "maintainer": spec.maintainer,
+            "invocations": self.invocations(state),
+            "replicas": {
+                "ready": live.ready if live else 0,
+                "desired": live.desired if live else 0,
+            },
+            "version": live.version if live else state.record.version,
+        }
+
+    def snapshot(self) -> list[dict]:
+        """Gauges for /metrics."""
+        out = []
+        for name, state in self.functions.items():
+            live = state.live
+            out.append(
+                {
+                    "name": name,
+                    "inflight": live.pool.inflight if live else 0,
+                    "queued": live.pool.queued if live else 0,
+                    "ready": live.ready if live else 0,
+                    "desired": live.desired if live else 0,
+                    "cold_starts": live.cold_starts if live else 0,
+                }
+            )
+        return out
+
+    # changing -----------------------------------------------------------------
+
+    async def deploy(
+        self, spec: FunctionSpec, archive: bytes, update: bool, progress: Progress | None = None
+    ) -> asyncio.Task[None]:
+        """Accept a new function or version; the returned task builds and switches to it."""
+        name = spec.name
+        state = self.functions.get(name)
+        if state is not None and not update:
+            raise FunctionError(
+                409, f"function {name!r} already exists; use --update (PUT) to replace it"
+            )
+        if state is not None and state.deploying is not None:
+            raise FunctionError(409, f"a deploy of {name!r} is already in progress")
+        code_hash = hashlib.sha256(archive).hexdigest()[:16]
+        version = self.registry.next_version(name)
+        code_dir = self.code_root / name / f"v{version}"
+        _unpack(archive, code_dir, spec)
+        self.registry.add_version(name, version, spec.model_dump(mode="json"), code_hash)
+        if state is None:
+            self.registry.insert(
+                name, spec.model_dump(mode="json"), spec.replicas.min, spec.replicas.max or 1
+            )
+            record = self.registry.get(name)
+            assert record is not None
+            state = self.functions[name] = FunctionState(name, record)
+        state.last_error = None
+        task = asyncio.get_running_loop().create_task(
+            self._deploy(state, spec, version, code_dir, progress or (lambda _: None))
+        )
+        state.deploying = task
+        return task
+
+    async def _deploy(
+        self,
+        state: FunctionState,
+        spec: FunctionSpec,
+        version: int,
+        code_dir: Path,
+        progress: Progress,
+    ) -> None:
+        name = spec.name
+
+        def log(message: str) -> None:
+            self.logs.write(name, "build", message)
+            progress(message)
+
+        deployment: Deployment | None = None
+        try:
+            log(f"deploying {name} version {version}")
+            requirements = code_dir / "requirements.txt"
+            reqs = requirements.read_text() if requirements.exists() else ""
+            _, python = await self.builder.build(reqs, log)
+            deployment = Deployment(
+                spec,
+                version,
+                str(code_dir),
+                python,
+                self.backend,
+                lambda source, msg: self.logs.write(name, source, msg),
+            )
+            deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
+            deployment.scale(max(spec.replicas.min, 1))
+            await deployment.wait_ready()
+            self._switch(state, deployment, spec)
+            log(f"{name} version {version} is ready")
+        except (BuildError, ReplicaFailed) as exc:
+            reason = str(exc)
+            if deployment is not None:
+                await deployment.stop(drain=False)
+            if state.live is not None:
+                state.last_error = (
+                    f"update to version {version} failed; still serving version"
+                    f" {state.live.version}:\n{reason}"
+                )
+                log(state.last_error)
+            else:
+                state.record.failure = reason
+                self.registry.set_failure(name, reason)
+                log(f"{name} failed:\n{reason}")
+            self._remove_code(code_dir)
+        except asyncio.CancelledError:
+            if deployment is not None:
+                await deployment.stop(drain=False)
+            raise
+        finally:
+            state.deploying = None
+
+    def _switch(self, state: FunctionState, deployment: Deployment, spec: FunctionSpec) -> None:
+        old = state.live
+        min_r, max_r = spec.replicas.min, spec.replicas.max or 1
+        state.live = deployment
+        self.routes[state.name] = deployment.pool
+        deployment.pool.on_demand = lambda: self._on_demand(state)
+        self.registry.set_live(
+            state.name, deployment.version, spec.model_dump(mode="json"), min_r, max_r
+        )
+        state.record.version = deployment.version
+        state.record.spec = spec.model_dump(mode="json")
+        state.record.min_replicas, state.record.max_replicas = min_r, max_r
+        state.record.failure = None
+        if old is not None:
+            state.retired.append(old)
+            asyncio.get_running_loop().create_task(self._retire(state, old))
+
+    async def _retire(self, state: FunctionState, old: Deployment) -> None:
+        await old.stop(drain=True)
+        with contextlib.suppress(ValueError):
+            state.retired.remove(old)
+        self._remove_code(Path(old.code_dir))
+
+    def _on_failure(self, state: FunctionState, deployment: Deployment | None, reason: str) -> None:
+        if deployment is not None and deployment is state.live:
+            state.record.failure = reason
+            self.registry.set_failure(state.name, reason)
+
+    def _on_demand(self, state: FunctionState) -> None:
+        """A call is waiting: wake a function that was scaled to zero."""
+        live = state.live
+        if live is not None and live.desired == 0 and not live.failure:
+            self.logs.write(state.name, "gateway", "call waiting: scaling up from zero")
+            live.scale(1)
+
+    async def delete(self, name: str) -> None:
+        state = self.get(name)
+        if state.deploying is not None:
+            state.deploying.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await state.deploying
+        self.routes.pop(name, None)
+        self.functions.pop(name, None)
+        stopping = [d for d in (state.live, *state.retired) if d is not None]
+        for deployment in stopping:
+            deployment.pool.reject_waiting(404, f"function {name!r} was deleted")
+        await asyncio.gather(*(d.stop(drain=False) for d in stopping), return_exceptions=True)
+        self.registry.delete(name)
+        self.metrics.forget(name)
+        self.logs.remove(name)
+        shutil.rmtree(self.code_root / name, ignore_errors=True)
+
+    def scale(self, name: str, min_replicas: int | None, max_replicas: int | None) -> dict:
+        state = self.get(name)
+        low = state.record.min_replicas if min_replicas is None else min_replicas
+        high = state.record.max_replicas if max_replicas is None else max_replicas
+        if low < 0 or high < 1:
+            raise FunctionError(400, "replicas: min must be 0 or more and max 1 or more")
+        if low > high:
+            raise FunctionError(400, f"replicas: min ({low}) is more than max ({high})")
+        if high > 64:
+            raise FunctionError(400, f"replicas: max ({high}) is more than 64")
+        self.registry.set_bounds(name, low, high)
+        state.record.min_replicas, state.record.max_replicas = low, high
+        live = state.live
+        if live is not None and not live.failure:
+            live.scale(min(max(live.desired, low), high))
+        return self.info(name)
+
+    # restart ------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Bring back every function the registry holds, as it was before a restart."""
+        tasks = []
+        for record in self.registry.all():
+            state = self.functions[record.name] = FunctionState(record.name, record)
+            if record.version == 0:
+                if not record.failure:
+                    record.failure = "the gateway stopped during the first deploy; run create again"
+                    self.registry.set_failure(record.name, record.failure)
+                continue
+            tasks.append(self._restore(state))
+        await asyncio.gather(*tasks)
+
+    async def _restore(self, state: FunctionState) -> None:
+        record = state.record
+        spec = FunctionSpec.model_validate(record.spec)
+        code_dir = self.code_root / record.name / f"v{record.version}"
+        log = lambda message: self.logs.write(record.name, "build", message)  # noqa: E731
+        try:
+            reqs_file = code_dir / "requirements.txt"
+            _, python = await self.builder.build(
+                reqs_file.read_text() if reqs_file.exists() else "", log
+            )
+        except (BuildError, OSError) as exc:
+            record.failure = f"could not restore after restart: {exc}"
+            self.registry.set_failure(record.name, record.failure)
+            return
+        deployment = Deployment(
+            spec,
+            record.version,
+            str(code_dir),
+            python,
+            self.backend,
+            lambda source, msg: self.logs.write(record.name, source, msg),
+        )
+        deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
+        state.live = deployment
+        self.routes[record.name] = deployment.pool
+        deployment.pool.on_demand = lambda: self._on_demand(state)
+        deployment.scale(record.min_replicas)
+
+    def flush(self) -> None:
+        """Persist invocation counts (the hot path only counts in memory)."""
+        self.registry.set_invocations(
+            {name: self.invocations(state) for name, state in self.functions.items()}
+        )
+
+    async def close(self) -> None:
+        deployments = []
+        for state in self.functions.values():
+            if state.deploying is not None:
+                state.deploying.cancel()
+            deployments.extend(d for d in (state.live, *state.retired) if d is not None)
+        await asyncio.gather(*(d.stop(drain=False) for d in deployments), return_exceptions=True)
+        self.registry.close()
+
+    def _remove_code(self, code_dir: Path) -> None:
+        shutil.rmtree(code_dir, ignore_errors=True)
+
+
+def _unpack(archive: bytes, target: Path, spec: FunctionSpec) -> None:
+    """Extract the uploaded tar.gz safely; refuse one without the handler file."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_ARCHIVE_FILES:
+                raise FunctionError(400, f"code archive has more than {MAX_ARCHIVE_FILES} files")
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise FunctionError(400, f"code archive is not a valid tar.gz: {exc}") from None
+    if not (target / spec.handler.file).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        raise FunctionError(
+            400, f"function {spec.name!r}: handler file {spec.handler.file!r} is not in the upload"
+        )

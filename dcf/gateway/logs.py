@@ -1,0 +1,114 @@
+"""Function logs: every replica's output and every lifecycle event, timestamped.
+
+One file per function, rotated at a size so disk use stays bounded; recent
+lines are kept in memory for ``tail`` and pushed to followers as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+MEMORY_LINES = 2000
+
+
+class FunctionLog:
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.recent: deque[str] = deque(self._read_existing(), maxlen=MEMORY_LINES)
+        self.followers: set[asyncio.Queue[str]] = set()
+        self._file: TextIO | None = None
+        self._size = path.stat().st_size if path.exists() else 0
+
+    def _read_existing(self) -> list[str]:
+        lines: list[str] = []
+        for n in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                lines.extend(older.read_text(errors="replace").splitlines())
+        if self.path.exists():
+            lines.extend(self.path.read_text(errors="replace").splitlines())
+        return lines[-MEMORY_LINES:]
+
+    def write(self, line: str) -> None:
+        self.recent.append(line)
+        for queue in self.followers:
+            queue.put_nowait(line)
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", buffering=1, errors="replace")
+        self._file.write(line + "\n")
+        self._size += len(line) + 1
+        if self._size > self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        for n in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{n}")
+            if src.exists():
+                src.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        if self.backups:
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self._size = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class LogStore:
+    def __init__(self, root: Path, max_bytes: int = 5 << 20, backups: int = 2) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._logs: dict[str, FunctionLog] = {}
+
+    def _log(self, function: str) -> FunctionLog:
+        log = self._logs.get(function)
+        if log is None:
+            log = FunctionLog(self.root / f"{function}.log", self.max_bytes, self.backups)
+            self._logs[function] = log
+        return log
+
+    def write(self, function: str, source: str, message: str) -> None:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self._log(function).write(f"{stamp} [{source}] {message}")
+
+    def tail(self, function: str, lines: int = 100) -> list[str]:
+        recent = self._log(function).recent
+        return list(recent)[-lines:] if lines > 0 else []
+
+    async def follow(self, function: str) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        log = self._log(function)
+        log.followers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            log.followers.discard(queue)
+
+    def remove(self, function: str) -> None:
+        log = self._logs.pop(function, None)
+        if log is not None:
+            log.close()
+        for path in self.root.glob(f"{function}.log*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def close(self) -> None:
+        for log in self._logs.values():
+            log.close()

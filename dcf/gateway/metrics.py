@@ -1,0 +1,151 @@
+"""Prometheus metrics of the gateway and its functions.
+
+Counters on the hot path are cached label children (no lookup per call);
+gauges of pools and replicas are read at scrape time, costing calls nothing.
+Labels stay bounded: function name and status code only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self._calls = Counter(
+            "dcf_function_calls",
+            "Calls to a function by HTTP status code.",
+            ["function", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "dcf_function_call_seconds",
+            "Time from request to response, gateway included.",
+            ["function"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.unknown = Counter(
+            "dcf_gateway_unknown_function_calls",
+            "Calls to names with no function.",
+            registry=self.registry,
+        )
+        self._call_children: dict[tuple[str, int], object] = {}
+        self._latency_children: dict[str, object] = {}
+
+    def observe(self, function: str, code: int, seconds: float) -> None:
+        key = (function, code)
+        child = self._call_children.get(key)
+        if child is None:
+            child = self._call_children[key] = self._calls.labels(function, str(code))
+        child.inc()  # type: ignore[attr-defined]
+        hist = self._latency_children.get(function)
+        if hist is None:
+            hist = self._latency_children[function] = self._latency.labels(function)
+        hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def calls(self, function: str) -> dict[int, int]:
+        """Calls so far by status code, read from the same counters /metrics exports."""
+        return {
+            code: int(child._value.get())  # type: ignore[attr-defined]
+            for (name, code), child in self._call_children.items()
+            if name == function
+        }
+
+    def latency_quantiles(self, function: str) -> dict[str, float | None]:
+        """p50/p99 estimated from the histogram buckets (as Prometheus would)."""
+        hist = self._latency_children.get(function)
+        if hist is None:
+            return {"p50": None, "p99": None}
+        bounds, counts = hist._upper_bounds, hist._buckets  # type: ignore[attr-defined]
+        buckets = [(b, c.get()) for b, c in zip(bounds, counts, strict=True)]
+        total = sum(c for _, c in buckets)
+        out: dict[str, float | None] = {}
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            if not total:
+                out[name] = None
+                continue
+            rank, seen, lower = q * total, 0.0, 0.0
+            value = None
+            for upper, count in buckets:
+                if seen + count >= rank and count:
+                    fraction = (rank - seen) / count
+                    value = upper if upper == float("inf") else lower + (upper - lower) * fraction
+                    break
+                seen += count
+                lower = upper
+            out[name] = value if value != float("inf") else lower
+        return out
+
+    def forget(self, function: str) -> None:
+        for key in [k for k in self._call_children if k[0] == function]:
+            self._calls.remove(*map(str, key))
+            del self._call_children[key]
+        if self._latency_children.pop(function, None) is not None:
+            self._latency.remove(function)
+
+    def add_state_collector(self, snapshot: Callable[[], Iterable[dict]]) -> None:
+        self.registry.register(_StateCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Pool and replica gauges, computed when Prometheus scrapes."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[dict]]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable:
+        inflight = GaugeMetricFamily(
+            "dcf_function_inflight", "Calls in flight.", labels=["function"]
+        )
+        queued = GaugeMetricFamily(
+            "dcf_function_queued", "Calls waiting for a replica.", labels=["function"]
+        )
+        ready = GaugeMetricFamily(
+            "dcf_function_replicas_ready", "Replicas serving.", labels=["function"]
+        )
+        desired = GaugeMetricFamily(
+            "dcf_function_replicas_desired", "Replicas wanted.", labels=["function"]
+        )
+        cold = CounterMetricFamily(
+            "dcf_function_cold_starts", "Replicas started.", labels=["function"]
+        )
+        for s in self._snapshot():
+            name = [s["name"]]
+            inflight.add_metric(name, s["inflight"])
+            queued.add_metric(name, s["queued"])
+            ready.add_metric(name, s["ready"])
+            desired.add_metric(name, s["desired"])
+            cold.add_metric(name, s["cold_starts"])
+        return [inflight, queued, ready, desired, cold]

@@ -1,0 +1,139 @@
+"""Desired state that survives a gateway restart, in SQLite.
+
+Only the control plane touches it; invocation counts are kept in memory on the
+hot path and flushed here now and then.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS functions (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,          -- the version that serves calls (0: none yet)
+    spec TEXT NOT NULL,                -- FunctionSpec of that version, as JSON
+    min_replicas INTEGER NOT NULL,     -- bounds, changed by create/update or by scale
+    max_replicas INTEGER NOT NULL,
+    failure TEXT,                      -- why it is Failed, if it is
+    invocations INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    code_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+@dataclass
+class FunctionRecord:
+    name: str
+    version: int
+    spec: dict
+    min_replicas: int
+    max_replicas: int
+    failure: str | None
+    invocations: int
+    created_at: float
+    updated_at: float
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, name: str) -> FunctionRecord | None:
+        row = self._db.execute(
+            "SELECT name, version, spec, min_replicas, max_replicas, failure, invocations,"
+            " created_at, updated_at FROM functions WHERE name = ?",
+            (name,),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def all(self) -> list[FunctionRecord]:
+        rows = self._db.execute(
+            "SELECT name, version, spec, min_replicas, max_replicas, failure, invocations,"
+            " created_at, updated_at FROM functions ORDER BY name"
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def next_version(self, name: str) -> int:
+        row = self._db.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?", (name,)
+        ).fetchone()
+        return int(row[0]) + 1
+
+    def add_version(self, name: str, version: int, spec: dict, code_hash: str) -> None:
+        self._db.execute(
+            "INSERT INTO versions (name, version, spec, code_hash, created_at) VALUES (?,?,?,?,?)",
+            (name, version, json.dumps(spec), code_hash, time.time()),
+        )
+
+    def insert(self, name: str, spec: dict, min_replicas: int, max_replicas: int) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO functions (name, version, spec, min_replicas, max_replicas,"
+            " created_at, updated_at) VALUES (?, 0, ?, ?, ?, ?, ?)",
+            (name, json.dumps(spec), min_replicas, max_replicas, now, now),
+        )
+
+    def set_live(self, name: str, version: int, spec: dict, min_r: int, max_r: int) -> None:
+        self._db.execute(
+            "UPDATE functions SET version = ?, spec = ?, min_replicas = ?, max_replicas = ?,"
+            " failure = NULL, updated_at = ? WHERE name = ?",
+            (version, json.dumps(spec), min_r, max_r, time.time(), name),
+        )
+
+    def set_failure(self, name: str, failure: str | None) -> None:
+        self._db.execute(
+            "UPDATE functions SET failure = ?, updated_at = ? WHERE name = ?",
+            (failure, time.time(), name),
+        )
+
+    def set_bounds(self, name: str, min_r: int, max_r: int) -> None:
+        self._db.execute(
+            "UPDATE functions SET min_replicas = ?, max_replicas = ?, updated_at = ?"
+            " WHERE name = ?",
+            (min_r, max_r, time.time(), name),
+        )
+
+    def set_invocations(self, counts: dict[str, int]) -> None:
+        self._db.executemany(
+            "UPDATE functions SET invocations = ? WHERE name = ?",
+            [(n, name) for name, n in counts.items()],
+        )
+
+    def delete(self, name: str) -> None:
+        self._db.execute("DELETE FROM functions WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM versions WHERE name = ?", (name,))
+
+
+def _record(row: tuple) -> FunctionRecord:
+    return FunctionRecord(
+        name=row[0],
+        version=row[1],
+        spec=json.loads(row[2]),
+        min_replicas=row[3],
+        max_replicas=row[4],
+        failure=row[5],
+        invocations=row[6],
+        created_at=row[7],
+        updated_at=row[8],
+    )

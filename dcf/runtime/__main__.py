@@ -1,0 +1,100 @@
+"""``python -m dcf.runtime``: a replica.
+
+Configured by environment, as the seed's Dockerfile does it:
+HANDLER_DIR, HANDLER_FILE, HANDLER_NAME; and, when started by a backend,
+DCF_LISTEN (socket to serve the gateway on) and DCF_STATUS_FD (pipe on which
+it reports ready, or the reason it could not start). Without DCF_LISTEN it
+serves plain HTTP on $PORT (8080) and touches DCF_READY_FILE (/tmp/.lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+
+from dcf.runtime.handler import Invoker, handler_error, load_target
+from dcf.runtime.server import http_app, serve_socket
+
+
+def _die_with_parent() -> None:
+    """A replica must not outlive the gateway that started it (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(os.environ.get("DCF_PARENT_PID", os.getppid())):
+            os._exit(1)
+
+
+def _limit_memory(limit: str | None) -> None:
+    if not limit:
+        return
+    import resource
+
+    size = int(limit)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_DATA, (size, size))
+
+
+def _report(fd: int | None, message: dict) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(message) + "\n").encode())
+        os.close(fd)
+
+
+def main() -> None:
+    env = os.environ
+    if "DCF_PARENT_PID" in env:
+        _die_with_parent()
+    _limit_memory(env.get("DCF_MEMORY_LIMIT"))
+    status_fd = int(env["DCF_STATUS_FD"]) if env.get("DCF_STATUS_FD") else None
+    function = env.get("DCF_FUNCTION", "handler")
+    info = {
+        "function": function,
+        "version": env.get("DCF_VERSION", ""),
+        "replica": env.get("DCF_REPLICA", ""),
+    }
+    concurrency = int(env.get("DCF_CONCURRENCY", "1"))
+    try:
+        target = load_target(
+            env.get("HANDLER_DIR", "."),
+            env.get("HANDLER_FILE", "handler.py"),
+            env.get("HANDLER_NAME", "Handler"),
+        )
+    except BaseException as exc:  # noqa: BLE001 - report any load failure, then stop
+        reason = handler_error(exc)
+        sys.stderr.write(reason)
+        sys.stderr.flush()
+        _report(status_fd, {"failed": reason})
+        sys.exit(3)
+    invoker = Invoker(target, function, concurrency)
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    listen = env.get("DCF_LISTEN")
+    if listen:
+        ready = {"ready": True, "pid": os.getpid()}
+        asyncio.run(serve_socket(invoker, listen, info, lambda: _report(status_fd, ready)))
+        return
+    import uvicorn
+
+    uvicorn.run(
+        http_app(invoker, info, env.get("DCF_READY_FILE", "/tmp/.lock")),
+        host=env.get("HOST", "0.0.0.0"),
+        port=int(env.get("PORT", "8080")),
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Load the user's handler once and turn each call into (status, headers, body)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dcf.runtime.batching import Batcher, batch_options, is_async
+from dcf.runtime.request import HTTPError, Request, Response
+
+Result = tuple[int, list[tuple[str, str]], bytes]
+
+JSON = "application/json"
+
+
+def load_target(handler_dir: str, handler_file: str, handler_name: str) -> Callable[..., Any]:
+    """Import the handler module and return the callable to serve.
+
+    A class is instantiated here, once, so its ``__init__`` (the model load)
+    runs before the replica reports ready.
+    """
+    directory = Path(handler_dir).resolve()
+    path = Path(handler_file)
+    if not path.is_absolute():
+        path = directory / path
+    if not path.is_file():
+        raise FileNotFoundError(f"handler file {path} does not exist")
+    # Handlers import their sibling modules and open files relative to their
+    # directory, as they did inside the seed's container.
+    sys.path.insert(0, str(directory))
+    os.chdir(directory)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    try:
+        target = getattr(module, handler_name)
+    except AttributeError:
+        raise AttributeError(f"{path.name} defines no {handler_name!r}") from None
+    if inspect.isclass(target):
+        target = target()
+    if not callable(target):
+        raise TypeError(f"{handler_name!r} in {path.name} is not callable")
+    return target
+
+
+class Invoker:
+    """Runs calls against a loaded handler: sync ones on a thread pool, async on the loop."""
+
+    def __init__(self, target: Callable[..., Any], function: str, concurrency: int = 1) -> None:
+        self.function = function
+        self._target = target
+        self._async = is_async(target)
+        options = batch_options(target)
+        # A batch runs off the loop so that calls keep arriving to form the next one.
+        self._inline = concurrency <= 1 and options is None
+        workers = 1 if options else concurrency
+        self._pool = None if self._async or self._inline else ThreadPoolExecutor(workers)
+        self.batcher = Batcher(self._run, options) if options else None
+
+    async def _run(self, arg: Any) -> Any:
+        if self._async:
+            return await self._target(arg)
+        if self._inline:
+            # One call at a time: a thread hop would only add latency.
+            return self._target(arg)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._target, arg)
+
+    async def __call__(self, request: Request) -> Result:
+        try:
+            if self.batcher is not None:
+                value = await self.batcher.submit(request)
+            else:
+                value = await self._run(request)
+            return render(value)
+        except HTTPError as exc:
+            return self.error(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not end the replica
+            traceback.print_exc(file=sys.stderr)
+            return self.error(500, f"{type(exc).__name__}: {exc}")
+
+    def error(self, status: int, message: str) -> Result:
+        body = json.dumps({"error": message, "function": self.function}).encode()
+        return status, [("content-type", JSON)], body
+
+
+def render(value: Any) -> Result:
+    """The wire form of whatever a handler returned."""
+    if isinstance(value, Response):
+        status, headers, body = render(value.body)
+        if value.headers:
+            given = {k.lower(): str(v) for k, v in value.headers.items()}
+            headers = [(k, v) for k, v in headers if k not in given] + list(given.items())
+        return value.status, headers, body
+    if isinstance(value, bytes | bytearray | memoryview):
+        return 200, [("content-type", "application/octet-stream")], bytes(value)
+    if isinstance(value, str):
+        return 200, [("content-type", "text/plain; charset=utf-8")], value.encode()
+    if value is None:
+        return 200, [], b""
+    return 200, [("content-type", JSON)], json.dumps(value).encode()
+
+
+def handler_error(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
