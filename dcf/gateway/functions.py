@@ -190,6 +190,7 @@ class FunctionManager:
             record = self.registry.get(name)
             assert record is not None
             state = self.functions[name] = FunctionState(name, record)
+            self.routes[name] = _unavailable(spec, "it is still being built")
         state.last_error = None
         task = asyncio.get_running_loop().create_task(
             self._deploy(state, spec, version, code_dir, progress or (lambda _: None))
@@ -226,6 +227,9 @@ class FunctionManager:
                 lambda source, msg: self.logs.write(name, source, msg),
             )
             deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
+            if state.live is None:
+                # Calls made while the first replica starts wait for it instead of failing.
+                self.routes[name] = deployment.pool
             deployment.scale(max(spec.replicas.min, 1))
             await deployment.wait_ready()
             self._switch(state, deployment, spec)
@@ -243,6 +247,7 @@ class FunctionManager:
             else:
                 state.record.failure = reason
                 self.registry.set_failure(name, reason)
+                self.routes[name] = _unavailable(spec, "the function failed to start")
                 log(f"{name} failed:\n{reason}")
             self._remove_code(code_dir)
         except asyncio.CancelledError:
@@ -329,6 +334,9 @@ class FunctionManager:
         for record in self.registry.all():
             state = self.functions[record.name] = FunctionState(record.name, record)
             if record.version == 0:
+                self.routes[record.name] = _unavailable(
+                    FunctionSpec.model_validate(record.spec), "the function failed to start"
+                )
                 if not record.failure:
                     record.failure = "the gateway stopped during the first deploy; run create again"
                     self.registry.set_failure(record.name, record.failure)
@@ -381,6 +389,13 @@ class FunctionManager:
 
     def _remove_code(self, code_dir: Path) -> None:
         shutil.rmtree(code_dir, ignore_errors=True)
+
+
+def _unavailable(spec: FunctionSpec, why: str) -> Pool:
+    """The route of a function with nothing to serve yet: calls get 503 naming why."""
+    pool = Pool(spec.name, spec.max_queue, spec.timeout)
+    pool.unavailable = why
+    return pool
 
 
 def _unpack(archive: bytes, target: Path, spec: FunctionSpec) -> None:

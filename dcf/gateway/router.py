@@ -101,6 +101,7 @@ class Pool:
         self.replicas: list[ReplicaLink] = []
         self.waiters: deque[asyncio.Future[ReplicaLink]] = deque()
         self.inflight = 0
+        self._turn = 0
         self.last_call = time.monotonic()
         self.unavailable: str | None = "no replica is ready yet"
         """Why calls are refused at once (503) instead of queued; None while replicas are coming."""
@@ -131,8 +132,16 @@ class Pool:
     # one call ------------------------------------------------------------
 
     def _pick(self) -> ReplicaLink | None:
+        """The least busy replica with a free slot; ties go round-robin to spread load."""
+        replicas = self.replicas
+        count = len(replicas)
+        if count == 1:
+            link = replicas[0]
+            return link if link.inflight < link.capacity else None
         best = None
-        for link in self.replicas:
+        start = self._turn = (self._turn + 1) % count if count else 0
+        for i in range(count):
+            link = replicas[(start + i) % count]
             if link.inflight < link.capacity and (best is None or link.inflight < best.inflight):
                 best = link
         return best

@@ -41,7 +41,7 @@ def batch(max_size: int = 16, max_wait_ms: float = 5) -> Callable[[F], F]:
     return mark
 
 
-def batch_options(target: Callable[..., Any]) -> BatchOptions | None:
+def batch_options(target: Callable[..., Any] | None) -> BatchOptions | None:
     return getattr(target, "__dcf_batch__", None)
 
 

@@ -62,7 +62,7 @@ class Invoker:
         self.function = function
         self._target = target
         self._async = is_async(target)
-        options = batch_options(target)
+        options = batch_options(target) or batch_options(getattr(target, "__call__", None))
         # A batch runs off the loop so that calls keep arriving to form the next one.
         self._inline = concurrency <= 1 and options is None
         workers = 1 if options else concurrency

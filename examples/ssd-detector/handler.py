@@ -141,6 +141,7 @@ class Handler:
     ) -> Job:
         """Decode the image and options of one call, or raise :class:`BadInput`."""
         body = bytes(body or b"")
+        query = query or {}
         headers = headers or {}
         threshold = parse_threshold(query.get("threshold"), "threshold")
         draw = parse_draw(query.get("draw"), "draw")
