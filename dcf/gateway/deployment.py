@@ -90,7 +90,8 @@ class Deployment:
         if self.stopping or self.failure:
             return
         self.desired = desired
-        self.pool.unavailable = None if desired else "scaled to zero"
+        # Even at zero, calls queue: the pool's on_demand wakes a replica for them.
+        self.pool.unavailable = None
         active = [m for m in self.members.values() if not m.retiring]
         for _ in range(desired - len(active)):
             self._start_member()

@@ -1,0 +1,291 @@
+"""Processes, ports, CPU pinning and memory readings shared by every part of the bench.
+
+Every process the bench starts goes through :func:`spawn`, in a session of its
+own, and is remembered: :func:`stop_all` (run at exit, on Ctrl-C and on
+SIGTERM) ends each one together with every process it started (replicas, Ray's
+raylet and workers), so nothing outlives the bench.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+_procs: list[subprocess.Popen] = []
+_tmpdirs: list[str] = []
+
+
+# -- CPUs -----------------------------------------------------------------------------------
+
+
+def all_cpus() -> set[int]:
+    return set(os.sched_getaffinity(0))
+
+
+class Cpus:
+    """Which cores the servers get and which the load generator gets.
+
+    With two or more cores the servers (gateway, replicas, Ray) run on one core and
+    the load generator on another, so a Python generator cannot steal CPU from the
+    server it measures and the req/s ratios compare CPU cost per call.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        cpus = sorted(all_cpus())
+        self.all = set(cpus)
+        self.pinned = pin and len(cpus) >= 2
+        if self.pinned:
+            self.server = {cpus[0]}
+            self.client = {cpus[1]}
+        else:
+            self.server = set(cpus)
+            self.client = set(cpus)
+
+    def describe(self) -> str:
+        if not self.pinned:
+            return f"not pinned (all of cores {sorted(self.all)} shared)"
+        return (
+            f"servers on core {sorted(self.server)}, load generator on core {sorted(self.client)}"
+        )
+
+
+def _preexec(cpus: set[int] | None):  # noqa: ANN202
+    def setup() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (children of children ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces.
+        rest = stat[stat.rfind(b")") + 2 :].split()
+        ppid = int(rest[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def set_affinity_tree(pid: int, cpus: set[int]) -> None:
+    """Move a process, its threads and all its descendants (and theirs) onto ``cpus``."""
+    for proc in descendants(pid):
+        try:
+            tasks = os.listdir(f"/proc/{proc}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+# -- memory and CPU time ----------------------------------------------------------------------
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def tree_rss_mb(pid: int) -> float:
+    return round(sum(rss_mb(p) or 0.0 for p in descendants(pid)), 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS
+
+
+# -- ports and HTTP ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, timeout: float = 30.0
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Call ``check`` until it returns something truthy; raise naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout:g}s" + (f" ({last})" if last else ""))
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    def ok() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
+        return http("GET", url, timeout=2)[0] < 500
+
+    wait_for(ok, timeout, f"{url} answering")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def tempdir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    _tmpdirs.append(path)
+    return path
+
+
+def spawn(
+    cmd: Sequence[str],
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
+    log: str | Path | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.Popen:
+    """Start a process in its own session, optionally pinned, remembered for cleanup."""
+    full_env = {**os.environ, **(env or {})}
+    out = stdout
+    if out is None:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        list(cmd),
+        env=full_env,
+        stdin=stdin,
+        stdout=out,
+        stderr=subprocess.STDOUT if log or stdout is not None else subprocess.DEVNULL,
+        preexec_fn=_preexec(cpus),
+        start_new_session=True,
+        cwd=cwd,
+    )
+    if hasattr(out, "close"):
+        out.close()
+    _procs.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 8.0, sig: int = signal.SIGTERM) -> None:
+    """End ``proc`` and everything it started: ``sig`` first, SIGKILL after ``grace``."""
+    tree = descendants(proc.pid) if proc.poll() is None else []
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever it started and did not stop (replicas, Ray's processes) goes now.
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    with contextlib.suppress(ValueError):
+        _procs.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_procs)):
+        with contextlib.suppress(Exception):
+            stop(proc, grace=3.0)
+    for path in _tmpdirs:
+        shutil.rmtree(path, ignore_errors=True)
+    _tmpdirs.clear()
+
+
+def install_cleanup() -> None:
+    atexit.register(stop_all)
+
+    def on_term(signum, _frame) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGHUP, on_term)
+
+
+# -- misc -----------------------------------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float | None:
+    data = sorted(v for v in values if v is not None)
+    if not data:
+        return None
+    mid = len(data) // 2
+    return data[mid] if len(data) % 2 else (data[mid - 1] + data[mid]) / 2
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def dumps(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]

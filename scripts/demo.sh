@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start a gateway (unless one answers), deploy the SSD example, call it the seed's way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+export PATH="$PWD/$VENV/bin:$PATH"
+export DCF_HOME=${DCF_HOME:-$PWD/.dcf-demo}
+GATEWAY=${DCF_GATEWAY:-127.0.0.1:31113}
+
+if ! curl -fsS "http://$GATEWAY/healthz" >/dev/null 2>&1; then
+  echo "starting the gateway on $GATEWAY (state in $DCF_HOME, log in $DCF_HOME/gateway.log)"
+  mkdir -p "$DCF_HOME"
+  nohup dcf gateway start --port "${GATEWAY##*:}" >"$DCF_HOME/gateway.log" 2>&1 &
+  echo $! >"$DCF_HOME/gateway.pid"
+  for _ in $(seq 100); do
+    curl -fsS "http://$GATEWAY/healthz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+
+cd examples/ssd-detector
+set -x
+dcf function create -f config.yaml -v --update -g "$GATEWAY"
+dcf function list -g "$GATEWAY"
+cat samples/astronaut.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
+{ set +x; } 2>/dev/null
+echo
+echo "Dashboard: http://$GATEWAY/ui   Stop the gateway: kill \$(cat $DCF_HOME/gateway.pid)"

@@ -1,0 +1,222 @@
+"""Pure logic: config parsing, routing choices, batching, result rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import dcf
+from dcf.config import ConfigError, load_project, parse_duration, parse_function, parse_memory
+from dcf.gateway.builder import env_hash, normalise
+from dcf.gateway.router import CallError, Pool, ReplicaLink
+from dcf.runtime.batching import Batcher, BatchOptions
+from dcf.runtime.handler import Invoker, render
+
+# config ------------------------------------------------------------------------
+
+
+def test_seed_fields_and_defaults():
+    spec = parse_function(
+        {"runtime": "python3", "desc": "d", "maintainer": "m", "image": "img",
+         "handler": {"dir": "./x", "file": "h.py", "name": "H"},
+         "environment": ["A=1", "B=x=y"], "limits": {"cpu": "500m", "memory": "1Gi", "gpu": "1"},
+         "requests": {"cpu": 1, "memory": "512Mi"}, "build_args": {"K": 1}, "skip_build": True},
+        "seed-fn",
+    )
+    assert spec.environment == {"A": "1", "B": "x=y"}
+    assert spec.limits.cpu == 0.5 and spec.limits.memory == 1 << 30 and spec.limits.gpu == 1
+    assert spec.requests.memory == 512 << 20
+    assert spec.replicas.min == 1 and spec.replicas.max == 1
+    assert spec.concurrency == 4 and spec.timeout == 30.0
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("30s", 30), ("500ms", 0.5), ("2m", 120), (5, 5)])
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+def test_memory_units():
+    assert parse_memory("1G") == 10**9 and parse_memory("2Ki") == 2048 and parse_memory(10) == 10
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_memory("lots")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"colour": "red"}, "field 'colour': unknown key 'colour'"),
+    ({"handler": {"dri": "."}}, "field 'handler.dri': unknown key"),
+    ({"replicas": {"min": 2, "max": 1}}, "max (1) is less than min (2)"),
+    ({"concurrency": 0}, "field 'concurrency'"),
+    ({"environment": ["NOEQUALS"]}, "'KEY=value'"),
+    ({"runtime": "ruby"}, "unknown runtime 'ruby'"),
+    ({"timeout": "-1s"}, "field 'timeout'"),
+])
+def test_bad_settings_name_file_function_and_field(settings, message):
+    with pytest.raises(ConfigError) as err:
+        parse_function(settings, "fn", "conf.yaml")
+    assert str(err.value).startswith("conf.yaml: function 'fn': field ")
+    assert message in str(err.value)
+
+
+def test_project_reads_gateway_and_checks_handler_dir(tmp_path):
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "handler.py").write_text("")
+    path = tmp_path / "config.yaml"
+    path.write_text("dcf:\n  gateway: h:1\nfunctions:\n  fn:\n    handler: {dir: ./fn}\n")
+    project = load_project(path)
+    assert project.gateway == "h:1" and project.handler_dir("fn") == tmp_path / "fn"
+    path.write_text("functions:\n  fn:\n    handler: {dir: ./fn, file: nope.py}\n")
+    with pytest.raises(ConfigError, match="field 'handler.file'"):
+        load_project(path)
+
+
+def test_requirements_hash_ignores_order_and_comments():
+    assert env_hash("") == env_hash("# only a comment\n\n") == "base"
+    assert env_hash("numpy\nopencv # why\n") == env_hash("opencv\n\nnumpy\n")
+    assert env_hash("numpy") != env_hash("numpy==2.0")
+    assert normalise("a\n# c\nb  # d\n") == ["a", "b"]
+
+
+# routing -----------------------------------------------------------------------
+
+
+def test_least_outstanding_then_round_robin():
+    pool = Pool("f", max_queue=10, timeout=5)
+    a, b = ReplicaLink("a", "/a", 2), ReplicaLink("b", "/b", 2)
+    pool.add(a)
+    pool.add(b)
+    a.inflight = 1
+    assert pool._pick() is b
+    b.inflight = 1
+    picks = {pool._pick().id for _ in range(4)}
+    assert picks == {"a", "b"}  # ties spread
+    a.inflight = b.inflight = 2
+    assert pool._pick() is None  # every slot taken
+
+
+def test_queue_hands_a_freed_slot_to_the_oldest_waiter_and_refuses_when_full():
+    async def scenario():
+        pool = Pool("f", max_queue=2, timeout=5)
+        link = ReplicaLink("a", "/a", 1)
+        pool.add(link)
+        first = await pool._acquire()
+        w1 = asyncio.ensure_future(pool._acquire())
+        w2 = asyncio.ensure_future(pool._acquire())
+        await asyncio.sleep(0)
+        with pytest.raises(CallError) as full:
+            await pool._acquire()
+        assert full.value.status == 429 and full.value.retry_after == 1
+        pool._release(first)
+        assert await w1 is link and not w2.done()
+        pool._release(link)
+        assert await w2 is link and link.inflight == 1
+
+    asyncio.run(scenario())
+
+
+def test_no_replica_and_none_coming_is_503():
+    async def scenario():
+        pool = Pool("f", max_queue=2, timeout=5)
+        pool.unavailable = "the function failed to start"
+        with pytest.raises(CallError) as err:
+            await pool._acquire()
+        assert err.value.status == 503 and "failed to start" in err.value.message
+
+    asyncio.run(scenario())
+
+
+# batching ----------------------------------------------------------------------
+
+
+def run_batched(items, handler, max_size=4, max_wait_ms=5):
+    async def scenario():
+        batches = []
+
+        async def run(batch):
+            batches.append(list(batch))
+            return handler(batch)
+
+        batcher = Batcher(run, BatchOptions(max_size, max_wait_ms))
+        results = await asyncio.gather(*(batcher.submit(i) for i in items),
+                                       return_exceptions=True)
+        return results, batches
+
+    return asyncio.run(scenario())
+
+
+def test_batches_keep_order_and_size():
+    results, batches = run_batched(list(range(10)), lambda b: [x * 10 for x in b])
+    assert results == [x * 10 for x in range(10)]
+    assert [len(b) for b in batches] == [4, 4, 2]
+
+
+def test_a_bad_item_fails_alone():
+    def handler(batch):
+        return [dcf.HTTPError(400, "odd") if x % 2 else x for x in batch]
+
+    results, _ = run_batched(list(range(4)), handler)
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], dcf.HTTPError) and results[1].status == 400
+
+
+def test_a_raising_batch_is_retried_item_by_item():
+    def handler(batch):
+        if 3 in batch:
+            raise ValueError("cannot take 3")
+        return batch
+
+    results, batches = run_batched([1, 2, 3, 4], handler)
+    assert results[:2] == [1, 2] and results[3] == 4
+    assert isinstance(results[2], ValueError)
+
+
+def test_wrong_length_is_an_error_for_every_call():
+    results, _ = run_batched([1, 2], lambda b: b[:1])
+    assert all("one result per request" in str(r) for r in results)
+
+
+def test_a_lone_call_is_not_held_past_max_wait():
+    async def scenario():
+        async def run(batch):
+            return batch
+
+        batcher = Batcher(run, BatchOptions(16, 20))
+        start = time.perf_counter()
+        assert await batcher.submit("x") == "x"
+        return time.perf_counter() - start
+
+    assert asyncio.run(scenario()) < 1.0  # generous: behaviour, not a benchmark
+
+
+def test_batch_decorator_on_a_class_call_is_honoured():
+    class Model:
+        @dcf.batch(max_size=8, max_wait_ms=1)
+        def __call__(self, reqs):
+            return [len(reqs)] * len(reqs)
+
+    invoker = Invoker(Model(), "m", concurrency=8)
+    assert invoker.batcher is not None
+
+    async def scenario():
+        return await asyncio.gather(*(invoker(dcf.Request(input=b"x")) for _ in range(8)))
+
+    results = asyncio.run(scenario())
+    assert all(status == 200 for status, _, _ in results)
+    assert max(int(body) for _, _, body in results) > 1  # calls were grouped
+
+
+def test_batch_options_are_validated():
+    with pytest.raises(ValueError, match="max_size"):
+        dcf.batch(max_size=0)
+
+
+# rendering -------------------------------------------------------------------------
+
+
+def test_results_render_by_type():
+    assert render({"a": 1}) == (200, [("content-type", "application/json")], b'{"a": 1}')
+    assert render("hi")[2] == b"hi" and render("hi")[1][0][1].startswith("text/plain")
+    assert render(b"\x00")[1] == [("content-type", "application/octet-stream")]
+    status, headers, body = render(dcf.Response({"x": 1}, 201, {"X-Y": "z"}))
+    assert status == 201 and ("x-y", "z") in headers and body == b'{"x": 1}'
