@@ -195,7 +195,7 @@ def test_batch_decorator_on_a_class_call_is_honoured():
         def __call__(self, reqs):
             return [len(reqs)] * len(reqs)
 
-    invoker = Invoker(Model(), "m", concurrency=8)
+    invoker = Invoker(Model(), "m")
     assert invoker.batcher is not None
 
     async def scenario():
@@ -204,6 +204,19 @@ def test_batch_decorator_on_a_class_call_is_honoured():
     results = asyncio.run(scenario())
     assert all(status == 200 for status, _, _ in results)
     assert max(int(body) for _, _, body in results) > 1  # calls were grouped
+
+
+def test_sync_handlers_run_inline_unless_threads_are_asked_for():
+    import threading
+
+    def where(req):
+        return threading.current_thread().name
+
+    assert Invoker(where, "f").inline
+    assert Invoker(where, "f").call_now(dcf.Request())[2] == b"MainThread"
+    threaded = Invoker(where, "f", threads=2)
+    assert not threaded.inline
+    assert asyncio.run(threaded(dcf.Request()))[2] != b"MainThread"
 
 
 def test_batch_options_are_validated():

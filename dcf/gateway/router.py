@@ -1,14 +1,16 @@
 """Routing calls to a function's replicas: least outstanding, bounded queue, deadline.
 
-Each replica takes at most ``concurrency`` calls at once, one per persistent
-connection. A call that finds every replica busy waits in a FIFO queue and is
-handed the next free slot directly; a full queue is refused at once (429).
+Each replica takes at most ``concurrency`` calls at once, multiplexed on one
+persistent connection (``wire``). A call that finds every replica busy waits
+in a FIFO queue and is handed the next free slot directly; a full queue is
+refused at once (429).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
 import time
 from collections import deque
@@ -54,8 +56,62 @@ class CallError(Exception):
         self.retry_after = retry_after
 
 
+class ReplicaChannel(asyncio.Protocol):
+    """The one connection to a replica; concurrent calls share it, matched by call id."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[int, asyncio.Future[Result]] = {}
+        self._ids = itertools.count(1)
+        self._reader = wire.FrameReader(wire.RESPONSE_HEAD)
+        self._outbox: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for call_id, status, meta, body in self._reader.feed(data):
+            future = self._pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_result((status, wire.parse_response_meta(meta), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionResetError("the replica closed the connection"))
+
+    async def call(self, method: str, path: str, query: str, headers: wire.Headers,
+                   body: bytes) -> Result:
+        if self.closed:
+            raise ConnectionResetError("the replica closed the connection")
+        call_id = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[call_id] = future
+        if not self._outbox:
+            # Calls made in this turn of the loop leave in one write.
+            self._loop.call_soon(self._flush)
+        self._outbox += wire.request_frame(call_id, method, path, query, headers, body)
+        try:
+            return await future
+        finally:
+            self._pending.pop(call_id, None)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(outbox)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class ReplicaLink:
-    """The gateway's side of one replica: its idle connections and in-flight count."""
+    """The gateway's side of one replica: its channel and in-flight count."""
 
     def __init__(self, replica_id: str, address: str, capacity: int) -> None:
         self.id = replica_id
@@ -63,32 +119,43 @@ class ReplicaLink:
         self.capacity = capacity
         self.inflight = 0
         self.served = 0
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._channel: ReplicaChannel | None = None
+        self._connecting: asyncio.Future[ReplicaChannel] | None = None
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(self) -> ReplicaChannel:
+        loop = asyncio.get_running_loop()
         if self.address.startswith("tcp://"):
             host, port = self.address[len("tcp://") :].rsplit(":", 1)
-            return await asyncio.open_connection(host, int(port), limit=1 << 20)
-        return await asyncio.open_unix_connection(self.address, limit=1 << 20)
+            _, channel = await loop.create_connection(ReplicaChannel, host, int(port))
+        else:
+            _, channel = await loop.create_unix_connection(ReplicaChannel, self.address)
+        return channel
 
-    async def call(self, frame: bytes) -> Result:
-        conn = self._idle.pop() if self._idle else await self._connect()
-        reader, writer = conn
+    async def channel(self) -> ReplicaChannel:
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
         try:
-            writer.write(frame)
-            result = await wire.read_response(reader)
-        except BaseException:
-            # Cancelled or broken mid-call: the stream's state is unknown, drop it.
-            writer.close()
-            raise
-        self._idle.append(conn)
+            channel = self._channel = await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+        return channel
+
+    async def call(self, method: str, path: str, query: str, headers: wire.Headers,
+                   body: bytes) -> Result:
+        channel = self._channel
+        if channel is None or channel.closed:
+            channel = await self.channel()
+        result = await channel.call(method, path, query, headers, body)
         self.served += 1
         return result
 
     def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
+        if self._channel is not None:
+            self._channel.close()
 
 
 class Pool:
@@ -196,7 +263,7 @@ class Pool:
             async with deadline(self.timeout):
                 link = await self._acquire()
                 try:
-                    return await link.call(wire.encode_request(method, path, query, headers, body))
+                    return await link.call(method, path, query, headers, body)
                 except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
                     raise CallError(
                         502,

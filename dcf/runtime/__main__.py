@@ -61,7 +61,7 @@ def main() -> None:
         "version": env.get("DCF_VERSION", ""),
         "replica": env.get("DCF_REPLICA", ""),
     }
-    concurrency = int(env.get("DCF_CONCURRENCY", "1"))
+    threads = int(env.get("DCF_THREADS", "0") or 0)
     try:
         target = load_target(
             env.get("HANDLER_DIR", "."),
@@ -74,7 +74,7 @@ def main() -> None:
         sys.stderr.flush()
         _report(status_fd, {"failed": reason})
         sys.exit(3)
-    invoker = Invoker(target, function, concurrency)
+    invoker = Invoker(target, function, threads)
 
     with contextlib.suppress(ImportError):
         import uvloop

@@ -56,26 +56,42 @@ def load_target(handler_dir: str, handler_file: str, handler_name: str) -> Calla
 
 
 class Invoker:
-    """Runs calls against a loaded handler: sync ones on a thread pool, async on the loop."""
+    """Runs calls against a loaded handler.
 
-    def __init__(self, target: Callable[..., Any], function: str, concurrency: int = 1) -> None:
+    A sync handler runs one call at a time on the replica's loop, as Ray Serve
+    and Triton's Python backend do: a model's work rarely gains from Python
+    threads, and a thread hop per call costs more than an echo. Parallelism
+    comes from replicas and batching; ``threads`` > 0 opts into a thread pool
+    for handlers that block on I/O. Async handlers run on the loop, and a
+    batched handler runs its batches on one thread so calls keep arriving.
+    """
+
+    def __init__(self, target: Callable[..., Any], function: str, threads: int = 0) -> None:
         self.function = function
         self._target = target
         self._async = is_async(target)
-        options = batch_options(target) or batch_options(getattr(target, "__call__", None))
-        # A batch runs off the loop so that calls keep arriving to form the next one.
-        self._inline = concurrency <= 1 and options is None
-        workers = 1 if options else concurrency
-        self._pool = None if self._async or self._inline else ThreadPoolExecutor(workers)
+        options = batch_options(target) or batch_options(type(target).__call__)
+        self.inline = not self._async and options is None and threads < 1
+        workers = 1 if options else threads
+        self._pool = None if self._async or self.inline else ThreadPoolExecutor(workers)
         self.batcher = Batcher(self._run, options) if options else None
 
     async def _run(self, arg: Any) -> Any:
         if self._async:
             return await self._target(arg)
-        if self._inline:
-            # One call at a time: a thread hop would only add latency.
+        if self.inline:
             return self._target(arg)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._target, arg)
+
+    def call_now(self, request: Request) -> Result:
+        """A sync handler's call, run right here: the replica's fast path when it is inline."""
+        try:
+            return render(self._target(request))
+        except HTTPError as exc:
+            return self.error(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not end the replica
+            traceback.print_exc(file=sys.stderr)
+            return self.error(500, f"{type(exc).__name__}: {exc}")
 
     async def __call__(self, request: Request) -> Result:
         try:
@@ -100,7 +116,11 @@ def render(value: Any) -> Result:
     if isinstance(value, Response):
         status, headers, body = render(value.body)
         if value.headers:
-            given = {k.lower(): str(v) for k, v in value.headers.items()}
+            # Newlines would split a header (and the wire framing): drop them.
+            given = {
+                _clean(k.lower()).replace(":", ""): _clean(str(v))
+                for k, v in value.headers.items()
+            }
             headers = [(k, v) for k, v in headers if k not in given] + list(given.items())
         return value.status, headers, body
     if isinstance(value, bytes | bytearray | memoryview):
@@ -110,6 +130,10 @@ def render(value: Any) -> Result:
     if value is None:
         return 200, [], b""
     return 200, [("content-type", JSON)], json.dumps(value).encode()
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def handler_error(exc: BaseException) -> str:

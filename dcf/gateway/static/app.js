@@ -227,8 +227,6 @@ async function refreshGatewayLabel() {
 // ---------------------------------------------------------------------------
 // token prompt
 
-let tokenWaiters = [];
-
 function askToken(refused) {
   const modal = $("#token-modal");
   $("#token-error").hidden = !refused;
@@ -250,8 +248,6 @@ function setupToken() {
     $("#token-button").hidden = false;
     refreshGatewayLabel();
     router.refreshNow();
-    for (const resolve of tokenWaiters) resolve();
-    tokenWaiters = [];
   });
   $("#token-button").hidden = !store.token;
   $("#token-button").addEventListener("click", () => askToken(false));
@@ -382,7 +378,8 @@ class ListView {
       h("div", { class: "page-head" },
         h("div", {}, h("h1", {}, "Functions"), this.subtitle)),
       this.cards,
-      h("section", { class: "panel" }, h("div", { class: "panel-body flush" }, this.table)),
+      h("section", { class: "panel" }, h("div", { class: "panel-body flush table-scroll" },
+        this.table)),
     );
     this.tbody.append(h("tr", {}, h("td", { colspan: 9, class: "empty" }, "Loading functions…")));
   }
@@ -409,7 +406,7 @@ class ListView {
       card("Functions", fmtInt(rows.length), `${ready} ready${failed ? ` · ${failed} failed` : ""}`),
       card("Replicas ready", fmtInt(rows.reduce((n, r) => n + (r.replicas?.ready || 0), 0)),
         `of ${fmtInt(rows.reduce((n, r) => n + (r.replicas?.desired || 0), 0))} desired`),
-      card("Invocations", fmtInt(total), "since the function was created"),
+      card("Invocations", fmtInt(total), "all functions, all status codes"),
       card("Error rate", fmtRate(errorRate(errors, total)), `${fmtInt(errors)} server errors (5xx)`),
     );
     if (rows.length === 0) {
@@ -431,7 +428,7 @@ class ListView {
         h("td", { class: "num p99" }, fmtSeconds(r.latency?.p99)),
         h("td", { class: `num error-rate${rate > 0.05 ? " err-high" : ""}` }, fmtRate(rate)),
         h("td", { class: "muted" }, r.image ? `${r.runtime} · ${r.image}` : r.runtime),
-        h("td", { class: "num muted" }, `v${r.version}`));
+        h("td", { class: "num muted" }, r.version ? `v${r.version}` : "—"));
     }));
   }
 }
@@ -527,7 +524,7 @@ class FunctionView {
                 h("label", { class: "field" }, h("span", {}, "Max replicas"), this.scaleMax),
                 h("button", { class: "btn btn-primary", id: "scale-apply", type: "submit" }, "Scale")),
               this.scaleMessage),
-            h("div", { class: "panel-body flush" },
+            h("div", { class: "panel-body flush table-scroll" },
               h("table", { id: "replicas-table" }, h("thead", {}, h("tr", {},
                 h("th", {}, "Replica"), h("th", {}, "State"), h("th", { class: "num" }, "In flight"),
                 h("th", { class: "num" }, "Served"), h("th", { class: "num" }, "PID"),
@@ -582,8 +579,10 @@ class FunctionView {
     const info = this.info;
     const rep = info.replicas;
     this.statusSlot.replaceChildren(statusBadge(info.status, "status-badge"));
-    this.versionSlot.textContent = `version ${info.version}${info.updating ? " · updating…" : ""}`
-      + (info.desc ? ` · ${info.desc}` : "");
+    this.versionSlot.textContent = (info.version
+      ? `version ${info.version}${info.updating ? " (updating…)" : ""}`
+        + ` · deployed ${fmtAgo(info.updated_at)}`
+      : "no version running") + (info.desc ? ` · ${info.desc}` : "");
     const alerts = [];
     if (info.failure) {
       alerts.push(h("div", { class: "alert alert-error", id: "failure" },
@@ -596,8 +595,7 @@ class FunctionView {
     this.alerts.replaceChildren(...alerts);
     const rate = errorRate(info.errors, info.invocations);
     this.cards.replaceChildren(
-      card("Invocations", fmtInt(info.invocations), `updated ${fmtAgo(info.updated_at)}`,
-        "card-invocations"),
+      card("Invocations", fmtInt(info.invocations), "all status codes", "card-invocations"),
       card("Error rate", fmtRate(rate), `${fmtInt(info.errors)} server errors (5xx)`, "card-errors"),
       card("Latency p50", fmtSeconds(info.latency?.p50), "gateway included", "card-p50"),
       card("Latency p99", fmtSeconds(info.latency?.p99), "gateway included", "card-p99"),
@@ -905,7 +903,7 @@ class TryPanel {
       height: img.naturalHeight });
     const ctx = canvas.getContext("2d");
     ctx.drawImage(img, 0, 0);
-    const scale = Math.max(1, img.naturalWidth / 500);
+    const scale = Math.max(1, Math.max(img.naturalWidth, img.naturalHeight) / 400);
     const font = Math.round(13 * scale);
     ctx.font = `600 ${font}px system-ui, sans-serif`;
     ctx.textBaseline = "top";
