@@ -23,6 +23,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory):
     gateway.stop()
 
 
+def info_of(gw: GatewayProcess, name: str) -> dict:
+    return gw.http().get(f"/system/function/{name}").json()
+
+
 def wait_ready_replicas(gw: GatewayProcess, name: str, count: int) -> None:
     deadline = time.monotonic() + 30
     while gw.http().get(f"/system/function/{name}").json()["replicas"]["ready"] != count:
@@ -175,9 +179,12 @@ def test_timeout_is_504(gw: GatewayProcess, root: Path):
             return "done"
     """, timeout="500ms")
     with gw.http() as http:
-        r = http.post("/function/slow", content=b"3")
+        r = http.post("/function/slow", content=b"1.5")
         assert r.status_code == 504
         assert r.json() == {"error": "'slow' did not answer within 0.5s", "function": "slow"}
+        # The replica is busy until the slow call ends; then it serves again.
+        assert info_of(gw, "slow")["inflight"] == 0
+        time.sleep(1.5)
         assert http.post("/function/slow", content=b"0").text == "done"
 
 

@@ -84,8 +84,9 @@ class ReplicaChannel(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionResetError("the replica closed the connection"))
 
-    async def call(self, method: str, path: str, query: str, headers: wire.Headers,
-                   body: bytes) -> Result:
+    def send(self, method: str, path: str, query: str, headers: wire.Headers,
+             body: bytes) -> asyncio.Future[Result]:
+        """Queue a call; the future resolves with the answer, or fails if the replica goes."""
         if self.closed:
             raise ConnectionResetError("the replica closed the connection")
         call_id = next(self._ids)
@@ -95,10 +96,7 @@ class ReplicaChannel(asyncio.Protocol):
             # Calls made in this turn of the loop leave in one write.
             self._loop.call_soon(self._flush)
         self._outbox += wire.request_frame(call_id, method, path, query, headers, body)
-        try:
-            return await future
-        finally:
-            self._pending.pop(call_id, None)
+        return future
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -144,14 +142,13 @@ class ReplicaLink:
                 self._connecting = None
         return channel
 
-    async def call(self, method: str, path: str, query: str, headers: wire.Headers,
-                   body: bytes) -> Result:
+    async def send(self, method: str, path: str, query: str, headers: wire.Headers,
+                   body: bytes) -> asyncio.Future[Result]:
         channel = self._channel
         if channel is None or channel.closed:
             channel = await self.channel()
-        result = await channel.call(method, path, query, headers, body)
         self.served += 1
-        return result
+        return channel.send(method, path, query, headers, body)
 
     def close(self) -> None:
         if self._channel is not None:
@@ -262,16 +259,23 @@ class Pool:
         try:
             async with deadline(self.timeout):
                 link = await self._acquire()
+                answer = None
                 try:
-                    return await link.call(method, path, query, headers, body)
-                except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+                    answer = await link.send(method, path, query, headers, body)
+                    # Shielded: a call that times out still occupies the replica until it
+                    # answers, so its slot is released then, not now.
+                    return await asyncio.shield(answer)
+                except (ConnectionError, OSError) as exc:
                     raise CallError(
                         502,
                         f"replica {link.id} of {self.function!r} failed during the call"
                         f" ({type(exc).__name__})",
                     ) from None
                 finally:
-                    self._release(link)
+                    if answer is None or answer.done():
+                        self._release(link)
+                    else:
+                        answer.add_done_callback(lambda _: self._release(link))
         except TimeoutError:
             raise CallError(
                 504, f"{self.function!r} did not answer within {self.timeout:g}s"

@@ -9,6 +9,8 @@ const REQUEST_TIMEOUT_MS = 10000;
 const HISTORY_POINTS = 150; // 5 minutes at one point per 2 s
 const TOKEN_KEY = "dcf-token";
 const LOG_TAIL = 200;
+// The gateway's root, so the dashboard also works behind a proxy under a path prefix.
+const BASE = location.pathname.replace(/\/ui(?:\/.*)?$/, "");
 const PALETTE = ["#ff4d6d", "#4f8cff", "#2ec27e", "#f6a609", "#a55eea", "#00b8d9", "#ff7a45",
   "#8bc34a", "#e056fd", "#26a69a"];
 
@@ -142,7 +144,7 @@ async function request(path, { method = "GET", json, body, headers = {}, system 
   const timer = timeout ? setTimeout(() => controller.abort(), timeout) : null;
   let response;
   try {
-    response = await fetch(path, { method, headers: sent, body, cache: "no-store",
+    response = await fetch(BASE + path, { method, headers: sent, body, cache: "no-store",
       signal: controller.signal });
   } catch (err) {
     setReachable(false, err);
@@ -749,6 +751,7 @@ class TryPanel {
     this.mode = "text";
     this.file = null;
     this.dataURL = null;
+    this.picked = Promise.resolve();
     this.build();
   }
 
@@ -767,7 +770,11 @@ class TryPanel {
         h("label", { class: "field" }, h("span", {}, "Content-Type"), this.contentType)));
 
     this.fileInput = h("input", { id: "try-file", type: "file", accept: "image/*", hidden: true,
-      onchange: () => this.fileInput.files[0] && this.pick(this.fileInput.files[0]) });
+      onchange: () => {
+        const file = this.fileInput.files[0];
+        this.fileInput.value = ""; // choosing the same file again still fires "change"
+        if (file) this.pick(file);
+      } });
     this.fileName = h("div", { class: "file-name" });
     this.thumb = h("img", { class: "thumb", alt: "", hidden: true });
     this.drop = h("div", { class: "dropzone", id: "try-dropzone", tabindex: 0, role: "button",
@@ -816,18 +823,24 @@ class TryPanel {
     this.imagePane.hidden = mode !== "image";
   }
 
-  async pick(file) {
-    this.file = file;
-    this.fileName.textContent = `${file.name} · ${(file.size / 1024).toFixed(1)} KB`;
-    this.dataURL = await readAsDataURL(file);
-    this.thumb.src = this.dataURL;
-    this.thumb.hidden = false;
-    this.setMode("image");
+  pick(file) {
+    // Sending waits for this, so a call never goes out with the previous picture.
+    this.picked = (async () => {
+      const url = await readAsDataURL(file);
+      this.file = file;
+      this.dataURL = url;
+      this.fileName.textContent = `${file.name} · ${(file.size / 1024).toFixed(1)} KB`;
+      this.thumb.src = url;
+      this.thumb.hidden = false;
+      this.setMode("image");
+    })().catch((err) => this.showMessage(`Cannot read ${file.name}: ${err}`));
+    return this.picked;
   }
 
   async invoke() {
     let body, contentType;
     if (this.mode === "image") {
+      await this.picked;
       if (!this.file) {
         this.showMessage("Choose a picture first.");
         return;
