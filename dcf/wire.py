@@ -8,8 +8,9 @@ that times out is simply forgotten, without closing anything.
 
     request:  !III  call_id meta_len body_len | meta | body
               meta = method \\n path \\n query (\\n name:value)*
-    response: !IHII call_id status meta_len body_len | meta | body
+    response: !IHHII call_id status batch meta_len body_len | meta | body
               meta = name:value (\\n name:value)*
+              batch = size of the batch this call closed (0: none), for the metrics
 
 Header names and values never hold a newline (HTTP forbids it; ``render``
 strips any a handler returns). Shared by the runtime and the gateway; it
@@ -22,7 +23,7 @@ import struct
 from collections.abc import Iterator
 
 REQUEST_HEAD = struct.Struct("!III")
-RESPONSE_HEAD = struct.Struct("!IHII")
+RESPONSE_HEAD = struct.Struct("!IHHII")
 
 Headers = list[tuple[str, str]]
 
@@ -41,9 +42,10 @@ def parse_request_meta(meta: bytes) -> tuple[str, str, str, Headers]:
     return method, path, query, _headers(lines)
 
 
-def response_frame(call_id: int, status: int, headers: Headers, body: bytes) -> list[bytes]:
+def response_frame(call_id: int, status: int, headers: Headers, body: bytes,
+                   batch: int = 0) -> list[bytes]:
     meta = "\n".join(f"{k}:{v}" for k, v in headers).encode("latin-1")
-    return [RESPONSE_HEAD.pack(call_id, status, len(meta), len(body)), meta, body]
+    return [RESPONSE_HEAD.pack(call_id, status, batch, len(meta), len(body)), meta, body]
 
 
 def parse_response_meta(meta: bytes) -> Headers:

@@ -62,6 +62,15 @@ def test_batched_calls_keep_their_own_answers_and_fail_alone(gw: GatewayProcess,
     assert max(r.json()["batch"] for r in results if r.status_code == 200) > 1
     lone = httpx.post(gw.url + "/function/batched", content=b"solo", timeout=30).json()
     assert lone == {"echo": "solo", "batch": 1}
+    metrics = httpx.get(gw.url + "/metrics").text
+    count = _sample(metrics, 'dcf_function_batch_size_count{function="batched"}')
+    total = _sample(metrics, 'dcf_function_batch_size_sum{function="batched"}')
+    assert 2 <= count < 25 and total == 25  # every call, counted once in its batch
+
+
+def _sample(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
 
 
 def test_scales_up_under_load_and_back_down_after(gw: GatewayProcess, tmp_path: Path):

@@ -129,7 +129,9 @@ def test_no_replica_and_none_coming_is_503():
 # batching ----------------------------------------------------------------------
 
 
-def run_batched(items, handler, max_size=4, max_wait_ms=5):
+def run_batched(items, handler, max_size=4, max_wait_ms=5, sizes=None):
+    sizes = [] if sizes is None else sizes
+
     async def scenario():
         batches = []
 
@@ -138,17 +140,20 @@ def run_batched(items, handler, max_size=4, max_wait_ms=5):
             return handler(batch)
 
         batcher = Batcher(run, BatchOptions(max_size, max_wait_ms))
-        results = await asyncio.gather(*(batcher.submit(i) for i in items),
-                                       return_exceptions=True)
-        return results, batches
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in items),
+                                        return_exceptions=True)
+        sizes.extend(o[1] for o in outcomes if isinstance(o, tuple) and o[1])
+        return [o[0] if isinstance(o, tuple) else o for o in outcomes], batches
 
     return asyncio.run(scenario())
 
 
 def test_batches_keep_order_and_size():
-    results, batches = run_batched(list(range(10)), lambda b: [x * 10 for x in b])
+    sizes: list[int] = []
+    results, batches = run_batched(list(range(10)), lambda b: [x * 10 for x in b], sizes=sizes)
     assert results == [x * 10 for x in range(10)]
     assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(sizes) == [2, 4, 4]  # each batch's size reported once, for the metrics
 
 
 def test_a_bad_item_fails_alone():
@@ -183,7 +188,7 @@ def test_a_lone_call_is_not_held_past_max_wait():
 
         batcher = Batcher(run, BatchOptions(16, 20))
         start = time.perf_counter()
-        assert await batcher.submit("x") == "x"
+        assert await batcher.submit("x") == ("x", 1)
         return time.perf_counter() - start
 
     assert asyncio.run(scenario()) < 1.0  # generous: behaviour, not a benchmark

@@ -227,6 +227,7 @@ class FunctionManager:
                 lambda source, msg: self.logs.write(name, source, msg),
             )
             deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
+            deployment.pool.on_batch = self.metrics.batch_observer(name)
             if state.live is None:
                 # Calls made while the first replica starts wait for it instead of failing.
                 self.routes[name] = deployment.pool
@@ -370,6 +371,7 @@ class FunctionManager:
         state.live = deployment
         self.routes[record.name] = deployment.pool
         deployment.pool.on_demand = lambda: self._on_demand(state)
+        deployment.pool.on_batch = self.metrics.batch_observer(state.name)
         deployment.scale(record.min_replicas)
 
     def flush(self) -> None:

@@ -7,6 +7,7 @@ Labels stay bounded: function name and status code only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -50,6 +51,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._batch = Histogram(
+            "dcf_function_batch_size", "Calls per batch, for handlers that batch.",
+            ["function"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+        )
         self.unknown = Counter(
             "dcf_gateway_unknown_function_calls",
             "Calls to names with no function.",
@@ -68,6 +73,9 @@ class Metrics:
         if hist is None:
             hist = self._latency_children[function] = self._latency.labels(function)
         hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def batch_observer(self, function: str) -> Callable[[int], None]:
+        return self._batch.labels(function).observe
 
     def calls(self, function: str) -> dict[int, int]:
         """Calls so far by status code, read from the same counters /metrics exports."""
@@ -108,6 +116,8 @@ class Metrics:
             del self._call_children[key]
         if self._latency_children.pop(function, None) is not None:
             self._latency.remove(function)
+        with contextlib.suppress(KeyError):
+            self._batch.remove(function)
 
     def add_state_collector(self, snapshot: Callable[[], Iterable[dict]]) -> None:
         self.registry.register(_StateCollector(snapshot))

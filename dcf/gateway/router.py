@@ -59,7 +59,8 @@ class CallError(Exception):
 class ReplicaChannel(asyncio.Protocol):
     """The one connection to a replica; concurrent calls share it, matched by call id."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_batch: Callable[[int], None] | None = None) -> None:
+        self.on_batch = on_batch
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -72,7 +73,9 @@ class ReplicaChannel(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        for call_id, status, meta, body in self._reader.feed(data):
+        for call_id, status, batch, meta, body in self._reader.feed(data):
+            if batch and self.on_batch is not None:
+                self.on_batch(batch)
             future = self._pending.pop(call_id, None)
             if future is not None and not future.done():
                 future.set_result((status, wire.parse_response_meta(meta), body))
@@ -117,17 +120,22 @@ class ReplicaLink:
         self.capacity = capacity
         self.inflight = 0
         self.served = 0
+        self.on_batch: Callable[[int], None] | None = None
         self._channel: ReplicaChannel | None = None
         self._connecting: asyncio.Future[ReplicaChannel] | None = None
 
     async def _open(self) -> ReplicaChannel:
         loop = asyncio.get_running_loop()
+
+        def channel() -> ReplicaChannel:
+            return ReplicaChannel(self.on_batch)
+
         if self.address.startswith("tcp://"):
             host, port = self.address[len("tcp://") :].rsplit(":", 1)
-            _, channel = await loop.create_connection(ReplicaChannel, host, int(port))
+            _, opened = await loop.create_connection(channel, host, int(port))
         else:
-            _, channel = await loop.create_unix_connection(ReplicaChannel, self.address)
-        return channel
+            _, opened = await loop.create_unix_connection(channel, self.address)
+        return opened
 
     async def channel(self) -> ReplicaChannel:
         channel = self._channel
@@ -169,12 +177,15 @@ class Pool:
         self.last_call = time.monotonic()
         self.unavailable: str | None = "no replica is ready yet"
         """Why calls are refused at once (503) instead of queued; None while replicas are coming."""
+        self.on_batch: Callable[[int], None] | None = None
+        """Told the size of every batch a replica ran (for the metrics)."""
         self.on_demand: Callable[[], None] | None = None
         """Called when a call has to wait: the autoscaler's cue (and scale-from-zero's)."""
 
     # replicas come and go ------------------------------------------------
 
     def add(self, link: ReplicaLink) -> None:
+        link.on_batch = self.on_batch
         self.replicas.append(link)
         for _ in range(link.capacity):
             if not self._hand_over(link):

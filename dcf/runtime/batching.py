@@ -61,9 +61,10 @@ class Batcher:
         self._options = options
         self._pending: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
-        self.sizes: list[int] = []  # recent batch sizes, read by the replica's stats
 
-    async def submit(self, item: Any) -> Any:
+    async def submit(self, item: Any) -> tuple[Any, int]:
+        """Run ``item`` in a batch; return its result and, for one call per batch, the
+        batch's size (0 for the others), so that sizes are counted once per batch."""
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -94,8 +95,6 @@ class Batcher:
             group = [(item, fut) for item, fut in group if not fut.done()]
             if not group:
                 continue
-            self.sizes.append(len(group))
-            del self.sizes[:-256]
             items = [item for item, _ in group]
             try:
                 results = await self._run_batch(items)
@@ -117,17 +116,21 @@ class Batcher:
                     except Exception as item_exc:  # noqa: BLE001
                         result = item_exc
                     results.append(result)
+            size = len(group)
             for (_, fut), result in zip(group, results, strict=True):
-                _settle(fut, result)
+                if _settle(fut, result, size):
+                    size = 0
 
 
-def _settle(fut: asyncio.Future[Any], result: Any) -> None:
+def _settle(fut: asyncio.Future[Any], result: Any, size: int = 0) -> bool:
+    """Resolve one call; True if it carried the batch size."""
     if fut.done():
-        return
+        return False
     if isinstance(result, BaseException):
         fut.set_exception(result)
-    else:
-        fut.set_result(result)
+        return False
+    fut.set_result((result, size))
+    return True
 
 
 def _describe(value: Any) -> str:

@@ -94,17 +94,20 @@ class Invoker:
             return self.error(500, f"{type(exc).__name__}: {exc}")
 
     async def __call__(self, request: Request) -> Result:
+        return (await self.serve(request))[0]
+
+    async def serve(self, request: Request) -> tuple[Result, int]:
+        """The call's result and the size of the batch it closed (0 if none)."""
         try:
             if self.batcher is not None:
-                value = await self.batcher.submit(request)
-            else:
-                value = await self._run(request)
-            return render(value)
+                value, batch = await self.batcher.submit(request)
+                return render(value), batch
+            return render(await self._run(request)), 0
         except HTTPError as exc:
-            return self.error(exc.status, exc.message)
+            return self.error(exc.status, exc.message), 0
         except Exception as exc:  # noqa: BLE001 - a handler bug must not end the replica
             traceback.print_exc(file=sys.stderr)
-            return self.error(500, f"{type(exc).__name__}: {exc}")
+            return self.error(500, f"{type(exc).__name__}: {exc}"), 0
 
     def error(self, status: int, message: str) -> Result:
         body = json.dumps({"error": message, "function": self.function}).encode()

@@ -50,19 +50,19 @@ class GatewayConnection(asyncio.Protocol):
         for call_id, meta, body in self._reader.feed(data):
             request = make_request(*wire.parse_request_meta(meta), body, self._info)
             if invoker.inline:
-                self._answer(call_id, invoker.call_now(request))
+                self._answer(call_id, invoker.call_now(request), 0)
             else:
                 task = self._loop.create_task(self._serve(call_id, request))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, call_id: int, request: Request) -> None:
-        self._answer(call_id, await self._invoker(request))
+        self._answer(call_id, *await self._invoker.serve(request))
 
-    def _answer(self, call_id: int, result: Result) -> None:
+    def _answer(self, call_id: int, result: Result, batch: int) -> None:
         if not self._outbox:
             self._loop.call_soon(self._flush)
-        self._outbox += wire.response_frame(call_id, *result)
+        self._outbox += wire.response_frame(call_id, *result, batch)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []

@@ -321,7 +321,7 @@ function latencyChart(points) {
     return root;
   }
   const now = Date.now();
-  const span = Math.max(60000, now - data[0].t);
+  const span = Math.max(30000, now - data[0].t);
   const maxMs = niceMax(Math.max(...data.map((p) => (p.p99 ?? p.p50 ?? 0) * 1000)) * 1.1);
   const x = (t) => L + ((t - (now - span)) / span) * (W - L - R);
   const y = (ms) => T + (1 - ms / maxMs) * (H - T - B);
