@@ -28,8 +28,9 @@ RESPONSE_HEAD = struct.Struct("!IHHII")
 Headers = list[tuple[str, str]]
 
 
-def request_frame(call_id: int, method: str, path: str, query: str, headers: Headers,
-                  body: bytes) -> list[bytes]:
+def request_frame(
+    call_id: int, method: str, path: str, query: str, headers: Headers, body: bytes
+) -> list[bytes]:
     """The frame as parts for ``transport.writelines``: the body is never copied."""
     lines = [method, path, query]
     lines.extend(f"{k}:{v}" for k, v in headers)
@@ -42,8 +43,9 @@ def parse_request_meta(meta: bytes) -> tuple[str, str, str, Headers]:
     return method, path, query, _headers(lines)
 
 
-def response_frame(call_id: int, status: int, headers: Headers, body: bytes,
-                   batch: int = 0) -> list[bytes]:
+def response_frame(
+    call_id: int, status: int, headers: Headers, body: bytes, batch: int = 0
+) -> list[bytes]:
     meta = "\n".join(f"{k}:{v}" for k, v in headers).encode("latin-1")
     return [RESPONSE_HEAD.pack(call_id, status, batch, len(meta), len(body)), meta, body]
 

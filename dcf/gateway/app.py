@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.flush_interval)
             self.manager.flush()
+            self.metrics.tick(time.monotonic())
 
     def _build_api(self) -> FastAPI:
         api = FastAPI(

@@ -108,6 +108,7 @@ class FunctionManager:
             "invocations": self.invocations(state),
             "errors": errors,
             "latency": self.metrics.latency_quantiles(name),
+            "latency_total": self.metrics.latency_quantiles(name, recent=False),
             "replicas": {
                 "min": record.min_replicas,
                 "max": record.max_replicas,

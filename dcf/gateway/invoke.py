@@ -149,6 +149,7 @@ class Invoke:
         job = {"id": job_id, "function": name, "status": "running"}
         try:
             if name not in self.routes:
+                self.metrics.unknown.inc()
                 raise CallError(404, f"no function named {name!r}")
             # Read the body now: the request ends when the 202 is sent.
             body = await read_body(receive, self.max_body)

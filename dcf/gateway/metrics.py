@@ -8,12 +8,14 @@ Labels stay bounded: function name and status code only.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+RECENT_WINDOW = 60.0
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -52,8 +54,11 @@ class Metrics:
             registry=self.registry,
         )
         self._batch = Histogram(
-            "dcf_function_batch_size", "Calls per batch, for handlers that batch.",
-            ["function"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+            "dcf_function_batch_size",
+            "Calls per batch, for handlers that batch.",
+            ["function"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
         )
         self.unknown = Counter(
             "dcf_gateway_unknown_function_calls",
@@ -62,6 +67,7 @@ class Metrics:
         )
         self._call_children: dict[tuple[str, int], object] = {}
         self._latency_children: dict[str, object] = {}
+        self._windows: dict[str, deque[tuple[float, list[float]]]] = {}
 
     def observe(self, function: str, code: int, seconds: float) -> None:
         key = (function, code)
@@ -85,30 +91,31 @@ class Metrics:
             if name == function
         }
 
-    def latency_quantiles(self, function: str) -> dict[str, float | None]:
-        """p50/p99 estimated from the histogram buckets (as Prometheus would)."""
+    def _bucket_counts(self, function: str) -> list[float] | None:
         hist = self._latency_children.get(function)
         if hist is None:
+            return None
+        return [c.get() for c in hist._buckets]  # type: ignore[attr-defined]
+
+    def tick(self, now: float) -> None:
+        """Remember bucket counts now and then, so quantiles can cover a recent window."""
+        for function in self._latency_children:
+            window = self._windows.setdefault(function, deque())
+            window.append((now, self._bucket_counts(function) or []))
+            while window and window[0][0] < now - RECENT_WINDOW:
+                window.popleft()
+
+    def latency_quantiles(self, function: str, recent: bool = True) -> dict[str, float | None]:
+        """p50/p99 estimated from the histogram buckets, as Prometheus would: over the
+        last minute or so (``recent``), else since the gateway started."""
+        counts = self._bucket_counts(function)
+        if counts is None:
             return {"p50": None, "p99": None}
-        bounds, counts = hist._upper_bounds, hist._buckets  # type: ignore[attr-defined]
-        buckets = [(b, c.get()) for b, c in zip(bounds, counts, strict=True)]
-        total = sum(c for _, c in buckets)
-        out: dict[str, float | None] = {}
-        for name, q in (("p50", 0.5), ("p99", 0.99)):
-            if not total:
-                out[name] = None
-                continue
-            rank, seen, lower = q * total, 0.0, 0.0
-            value = None
-            for upper, count in buckets:
-                if seen + count >= rank and count:
-                    fraction = (rank - seen) / count
-                    value = upper if upper == float("inf") else lower + (upper - lower) * fraction
-                    break
-                seen += count
-                lower = upper
-            out[name] = value if value != float("inf") else lower
-        return out
+        window = self._windows.get(function)
+        if recent and window:
+            counts = [now - then for now, then in zip(counts, window[0][1], strict=True)]
+        bounds = LATENCY_BUCKETS + (float("inf"),)
+        return {name: _quantile(q, bounds, counts) for name, q in (("p50", 0.5), ("p99", 0.99))}
 
     def forget(self, function: str) -> None:
         for key in [k for k in self._call_children if k[0] == function]:
@@ -116,6 +123,7 @@ class Metrics:
             del self._call_children[key]
         if self._latency_children.pop(function, None) is not None:
             self._latency.remove(function)
+        self._windows.pop(function, None)
         with contextlib.suppress(KeyError):
             self._batch.remove(function)
 
@@ -124,6 +132,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _quantile(q: float, bounds: tuple[float, ...], counts: list[float]) -> float | None:
+    """Linear interpolation inside the bucket holding the q-th call (histogram_quantile)."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen, lower = q * total, 0.0, 0.0
+    for upper, count in zip(bounds, counts, strict=True):
+        if count and seen + count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - seen) / count
+        seen += count
+        lower = upper
+    return lower
 
 
 class _StateCollector:

@@ -87,8 +87,9 @@ class ReplicaChannel(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionResetError("the replica closed the connection"))
 
-    def send(self, method: str, path: str, query: str, headers: wire.Headers,
-             body: bytes) -> asyncio.Future[Result]:
+    def send(
+        self, method: str, path: str, query: str, headers: wire.Headers, body: bytes
+    ) -> asyncio.Future[Result]:
         """Queue a call; the future resolves with the answer, or fails if the replica goes."""
         if self.closed:
             raise ConnectionResetError("the replica closed the connection")
@@ -150,8 +151,9 @@ class ReplicaLink:
                 self._connecting = None
         return channel
 
-    async def send(self, method: str, path: str, query: str, headers: wire.Headers,
-                   body: bytes) -> asyncio.Future[Result]:
+    async def send(
+        self, method: str, path: str, query: str, headers: wire.Headers, body: bytes
+    ) -> asyncio.Future[Result]:
         channel = self._channel
         if channel is None or channel.closed:
             channel = await self.channel()

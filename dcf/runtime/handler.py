@@ -121,8 +121,7 @@ def render(value: Any) -> Result:
         if value.headers:
             # Newlines would split a header (and the wire framing): drop them.
             given = {
-                _clean(k.lower()).replace(":", ""): _clean(str(v))
-                for k, v in value.headers.items()
+                _clean(k.lower()).replace(":", ""): _clean(str(v)) for k, v in value.headers.items()
             }
             headers = [(k, v) for k, v in headers if k not in given] + list(given.items())
         return value.status, headers, body

@@ -14,8 +14,9 @@ from dcf.runtime.handler import Invoker, Result
 from dcf.runtime.request import Request
 
 
-def make_request(method: str, path: str, query: str, headers: wire.Headers, body: bytes,
-                 info: dict[str, str]) -> Request:
+def make_request(
+    method: str, path: str, query: str, headers: wire.Headers, body: bytes, info: dict[str, str]
+) -> Request:
     return Request(
         input=body,
         method=method,
@@ -125,9 +126,12 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             request = make_request(
-                scope["method"], path, scope["query_string"].decode("latin-1"),
+                scope["method"],
+                path,
+                scope["query_string"].decode("latin-1"),
                 [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
-                b"".join(chunks), info,
+                b"".join(chunks),
+                info,
             )
             status, headers, out = await invoker(request)
         await send(
