@@ -238,3 +238,18 @@ def test_results_render_by_type():
     assert render(b"\x00")[1] == [("content-type", "application/octet-stream")]
     status, headers, body = render(dcf.Response({"x": 1}, 201, {"X-Y": "z"}))
     assert status == 201 and ("x-y", "z") in headers and body == b'{"x": 1}'
+
+
+def test_latency_quantiles_cover_the_recent_window_and_the_lifetime():
+    from dcf.gateway.metrics import Metrics
+
+    metrics = Metrics()
+    for _ in range(100):
+        metrics.observe("f", 200, 0.003)
+    assert 0.0025 < metrics.latency_quantiles("f")["p50"] <= 0.005  # young gateway: all recent
+    metrics.tick(time.monotonic() - 61)  # a snapshot a full window old: the baseline
+    for _ in range(100):
+        metrics.observe("f", 200, 0.2)
+    recent, total = metrics.latency_quantiles("f"), metrics.latency_quantiles("f", recent=False)
+    assert 0.1 < recent["p50"] <= 0.25 and total["p50"] <= 0.005
+    assert metrics.latency_quantiles("nobody") == {"p50": None, "p99": None}

@@ -8,6 +8,7 @@ Labels stay bounded: function name and status code only.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -102,7 +103,8 @@ class Metrics:
         for function in self._latency_children:
             window = self._windows.setdefault(function, deque())
             window.append((now, self._bucket_counts(function) or []))
-            while window and window[0][0] < now - RECENT_WINDOW:
+            # Keep the newest snapshot that is a full window old: the baseline.
+            while len(window) > 1 and window[1][0] <= now - RECENT_WINDOW:
                 window.popleft()
 
     def latency_quantiles(self, function: str, recent: bool = True) -> dict[str, float | None]:
@@ -112,7 +114,7 @@ class Metrics:
         if counts is None:
             return {"p50": None, "p99": None}
         window = self._windows.get(function)
-        if recent and window:
+        if recent and window and window[0][0] <= time.monotonic() - RECENT_WINDOW:
             counts = [now - then for now, then in zip(counts, window[0][1], strict=True)]
         bounds = LATENCY_BUCKETS + (float("inf"),)
         return {name: _quantile(q, bounds, counts) for name, q in (("p50", 0.5), ("p99", 0.99))}
