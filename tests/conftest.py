@@ -131,6 +131,16 @@ class GatewayProcess:
         raise AssertionError(f"{name} did not become {status}: {info}")
 
 
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory,
+       request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    """One gateway shared by a test module's tests (each deploys its own functions)."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    gateway = GatewayProcess(tmp_path_factory.mktemp(name) / "home").start()
+    yield gateway
+    gateway.stop()
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(tmp_path / "home").start()

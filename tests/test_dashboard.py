@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, GatewayProcess, deploy
+
+from tests.conftest import REPO, GatewayProcess, deploy
 
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="the dashboard tests need playwright: pip install playwright"
@@ -82,12 +83,6 @@ def Handler(req):
 
 # fixtures ------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("dashboard") / "home").start()
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture(scope="module")

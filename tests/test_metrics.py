@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GatewayProcess, deploy
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import GatewayProcess, deploy
 
 COUNTED = """
 import dcf
@@ -42,12 +42,6 @@ UNKNOWN_CALLS = 4
 
 # fixtures and helpers ------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("metrics") / "home").start()
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,6 @@ import pytest
 from tests.conftest import ECHO, GatewayProcess, deploy, write_function
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory):
-    gateway = GatewayProcess(tmp_path_factory.mktemp("gw") / "home").start()
-    yield gateway
-    gateway.stop()
-
-
 def info_of(gw: GatewayProcess, name: str) -> dict:
     return gw.http().get(f"/system/function/{name}").json()
 

@@ -8,16 +8,8 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import GatewayProcess, deploy
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory):
-    gateway = GatewayProcess(tmp_path_factory.mktemp("serving") / "home").start()
-    yield gateway
-    gateway.stop()
 
 
 def info(gw: GatewayProcess, name: str) -> dict:

@@ -17,6 +17,11 @@ from dcf.config import NAME, RUNTIMES, ConfigError, load_project
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+def config_option(help: str):  # noqa: A002, ANN201 - click's own word
+    return click.option("-f", "--yaml", "config", default="config.yaml", show_default=True,
+                        help=help)
+
+
 @click.group()
 def function() -> None:
     """Create, call and manage functions."""
@@ -24,14 +29,7 @@ def function() -> None:
 
 @function.command()
 @click.option("--runtime", default="python3", show_default=True, help="Runtime of the function.")
-@click.option(
-    "-f",
-    "--yaml",
-    "config",
-    default="config.yaml",
-    show_default=True,
-    help="config.yaml to add the function to.",
-)
+@config_option("config.yaml to add the function to.")
 @click.argument("name")
 def init(runtime: str, config: str, name: str) -> None:
     """Scaffold NAME/ (handler.py, requirements.txt, Dockerfile) and add it to config.yaml."""
@@ -114,14 +112,7 @@ def _add_to_config(path: Path, name: str, runtime: str) -> None:
 
 
 @function.command()
-@click.option(
-    "-f",
-    "--yaml",
-    "config",
-    default="config.yaml",
-    show_default=True,
-    help="config.yaml describing the functions.",
-)
+@config_option("config.yaml describing the functions.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the build output.")
 @click.option("--update", is_flag=True, help="Replace functions that already exist.")
 @click.option("--no-wait", is_flag=True, help="Return once accepted, without waiting for Ready.")
