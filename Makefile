@@ -4,25 +4,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: install demo test bench lint clean
+.PHONY: install install-test demo test bench lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
 install: $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet -e .
+
+install-test: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 
 demo: install
 	VENV=$(VENV) bash scripts/demo.sh
 
-test: install
+test: install-test
 	VENV=$(VENV) bash scripts/test.sh
 
 bench: install
 	$(VENV)/bin/python -m bench
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check dcf tests bench examples
 	$(VENV)/bin/ruff format --check dcf
 

@@ -6,14 +6,15 @@ VENV=${VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 export DCF_HOME=${DCF_HOME:-$PWD/.dcf-demo}
 GATEWAY=${DCF_GATEWAY:-127.0.0.1:31113}
+healthy() { python -c "import urllib.request as u; u.urlopen('http://$GATEWAY/healthz', timeout=1)" 2>/dev/null; }
 
-if ! curl -fsS "http://$GATEWAY/healthz" >/dev/null 2>&1; then
+if ! healthy; then
   echo "starting the gateway on $GATEWAY (state in $DCF_HOME, log in $DCF_HOME/gateway.log)"
   mkdir -p "$DCF_HOME"
   nohup dcf gateway start --port "${GATEWAY##*:}" >"$DCF_HOME/gateway.log" 2>&1 &
   echo $! >"$DCF_HOME/gateway.pid"
   for _ in $(seq 100); do
-    curl -fsS "http://$GATEWAY/healthz" >/dev/null 2>&1 && break
+    healthy && break
     sleep 0.1
   done
 fi
