@@ -467,3 +467,11 @@ def test_gateway_restart_brings_functions_back(tmp_path: Path):
         assert httpx.post(gw.url + "/function/durable", content=b"b").content == b"b"
     finally:
         gw.stop()
+
+
+def test_unavailable_backend_is_refused_clearly(tmp_path: Path):
+    gw = GatewayProcess(tmp_path / "home")
+    result = gw.dcf("gateway", "start", "--backend", "ray", "--port", str(gw.port))
+    assert result.returncode == 2
+    assert b"the ray backend is not in this release yet" in result.stderr
+    assert b"Traceback" not in result.stderr

@@ -11,7 +11,7 @@ def create_backend(kind: str, run_dir: str) -> Backend:
 
         return LocalBackend(run_dir)
     if kind == "ray":
-        from dcf.backends.ray import RayBackend  # type: ignore[import-not-found]
-
-        return RayBackend(run_dir)
-    raise ValueError(f"unknown backend {kind!r}: choose local or ray")
+        raise ValueError(
+            "the ray backend is not in this release yet; start the gateway with --backend local"
+        )
+    raise ValueError(f"unknown backend {kind!r}: choose local")

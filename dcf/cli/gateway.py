@@ -47,7 +47,12 @@ def start(host: str, port: int, backend: str, token: str | None, home: str, max_
     from dcf.gateway.app import Settings, create_app
 
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
-    app = create_app(Settings(home=Path(home), backend=backend, token=token, max_body=max_body))
+    try:
+        app = create_app(
+            Settings(home=Path(home), backend=backend, token=token, max_body=max_body)
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     click.echo(f"DCF gateway on http://{host}:{port} (backend {backend}, state in {home})")
     uvicorn.run(
         app,
