@@ -20,7 +20,6 @@ imports neither.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 REQUEST_HEAD = struct.Struct("!III")
 RESPONSE_HEAD = struct.Struct("!IHHII")
@@ -68,24 +67,32 @@ class FrameReader:
     def __init__(self, head: struct.Struct) -> None:
         self._head = head
         self._buffer = bytearray()
+        self._need = head.size  # bytes that must be buffered before parsing can progress
 
-    def feed(self, data: bytes) -> Iterator[tuple]:
-        """Yield ``(*head_fields_but_lengths, meta, body)`` for every complete frame."""
+    def feed(self, data: bytes) -> list[tuple]:
+        """``(*head_fields_but_lengths, meta, body)`` for every frame completed by ``data``."""
         buffer = self._buffer
         buffer += data
+        end = len(buffer)
+        if end < self._need:
+            return []  # the middle of a large body: nothing to parse yet
         head = self._head
         size = head.size
+        frames = []
         start = 0
-        end = len(buffer)
-        while end - start >= size:
-            fields = head.unpack_from(buffer, start)
-            meta_len, body_len = fields[-2], fields[-1]
-            meta_at = start + size
-            body_at = meta_at + meta_len
-            stop = body_at + body_len
-            if stop > end:
-                break
-            yield (*fields[:-2], bytes(buffer[meta_at:body_at]), bytes(buffer[body_at:stop]))
-            start = stop
+        with memoryview(buffer) as view:  # slices of a view copy once, not twice
+            while end - start >= size:
+                fields = head.unpack_from(buffer, start)
+                meta_at = start + size
+                body_at = meta_at + fields[-2]
+                stop = body_at + fields[-1]
+                if stop > end:
+                    break
+                frames.append(
+                    (*fields[:-2], bytes(view[meta_at:body_at]), bytes(view[body_at:stop]))
+                )
+                start = stop
+        self._need = size if end - start < size else stop - start
         if start:
             del buffer[:start]
+        return frames

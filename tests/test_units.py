@@ -253,3 +253,27 @@ def test_latency_quantiles_cover_the_recent_window_and_the_lifetime():
     recent, total = metrics.latency_quantiles("f"), metrics.latency_quantiles("f", recent=False)
     assert 0.1 < recent["p50"] <= 0.25 and total["p50"] <= 0.005
     assert metrics.latency_quantiles("nobody") == {"p50": None, "p99": None}
+
+
+def test_frames_survive_any_chunking_of_the_stream():
+    import random
+
+    from dcf import wire
+
+    rng = random.Random(7)
+    sent = []
+    for call_id in range(1, 120):
+        body = rng.randbytes(rng.choice([0, 5, 70_000]))
+        sent.append((call_id, 200 + call_id % 3, call_id % 5, [("x-a", "b:c"), ("k", "")], body))
+    stream = b"".join(b"".join(wire.response_frame(i, s, h, b, n)) for i, s, n, h, b in sent)
+    reader = wire.FrameReader(wire.RESPONSE_HEAD)
+    got, pos = [], 0
+    while pos < len(stream):
+        step = rng.choice([1, 7, 13, 100, 65_536, 200_000])
+        got.extend(reader.feed(stream[pos:pos + step]))
+        pos += step
+    assert [(i, s, n, wire.parse_response_meta(m), b) for i, s, n, m, b in got] == sent
+    method, path, query, headers = wire.parse_request_meta(
+        wire.request_frame(1, "POST", "/p", "a=1", [("h", "v:w")], b"")[1]
+    )
+    assert (method, path, query, headers) == ("POST", "/p", "a=1", [("h", "v:w")])
