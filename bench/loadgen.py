@@ -189,58 +189,37 @@ class Generator:
 # -- the asyncio generator ----------------------------------------------------------------------
 
 
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection sending pre-encoded requests back to back."""
+class _HttpCodec:
+    """HTTP/1.1 requests, pre-encoded; answers framed by Content-Length or chunked."""
 
-    def __init__(self, gen: _Load, requests: list[bytes], framed: bool) -> None:
-        self.gen = gen
-        self.requests = requests
-        self.framed = framed
-        self.n = 0
-        self.buf = bytearray()
-        self.start = 0
-        self.transport: asyncio.Transport | None = None
-        self.finished = asyncio.get_running_loop().create_future()
+    slots_per_conn = 1
 
-    def connection_made(self, transport) -> None:  # noqa: ANN001
-        self.transport = transport
-        self._send()
+    def __init__(self, url: str, bodies: list[bytes]) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.requests = [
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(b)}\r\n\r\n"
+            ).encode()
+            + b
+            for b in bodies
+        ]
 
-    def connection_lost(self, exc) -> None:  # noqa: ANN001
-        if not self.finished.done():
-            self.gen.errors += 1
-            self.finished.set_result(None)
+    def request(self, slot: int, n: int) -> bytes:
+        return self.requests[n % len(self.requests)]
 
-    def _send(self) -> None:
-        if self.gen.stopped:
-            self.finished.set_result(None)
-            self.transport.close()
-            return
-        self.n += 1
-        self.start = time.perf_counter_ns()
-        self.transport.write(self.requests[self.n % len(self.requests)])
+    def answers(self, buf: bytearray) -> list[tuple[int, int]]:
+        out = []
+        while True:
+            status = self._one(buf)
+            if status is None:
+                return out
+            out.append((-1, status))  # one call per connection: its only slot
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        status = self._parse_framed() if self.framed else self._parse_http()
-        if status is None:
-            return
-        self.gen.record(time.perf_counter_ns() - self.start, status)
-        self._send()
-
-    def _parse_framed(self) -> int | None:
-        buf = self.buf
-        if len(buf) < 10:
-            return None
-        status = int.from_bytes(buf[0:2], "big")
-        total = 10 + int.from_bytes(buf[2:6], "big") + int.from_bytes(buf[6:10], "big")
-        if len(buf) < total:
-            return None
-        del buf[:total]
-        return status
-
-    def _parse_http(self) -> int | None:
-        buf = self.buf
+    @staticmethod
+    def _one(buf: bytearray) -> int | None:
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             return None
@@ -272,6 +251,102 @@ class _Conn(asyncio.Protocol):
         return status
 
 
+class _FramedCodec:
+    """DCF's gateway↔replica framing, whichever version ``dcf.wire`` has.
+
+    With call ids (a multiplexed protocol) all calls share one connection, as the
+    gateway's do; otherwise each connection carries one call at a time.
+    """
+
+    def __init__(self, bodies: list[bytes], conns: int) -> None:
+        from dcf import wire
+
+        self.wire = wire
+        self.mux = hasattr(wire, "request_frame")
+        self.head = wire.RESPONSE_HEAD
+        self.bodies = bodies
+        self.slots_per_conn = conns if self.mux else 1
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def request(self, slot: int, n: int) -> bytes:
+        key = (slot, n % len(self.bodies))
+        frame = self._cache.get(key)
+        if frame is None:
+            headers = [("content-type", "application/octet-stream")]
+            body = self.bodies[key[1]]
+            if self.mux:
+                parts = self.wire.request_frame(slot, "POST", "/", "", headers, body)
+                frame = b"".join(parts)
+            else:
+                frame = self.wire.encode_request("POST", "/", "", headers, body)
+            self._cache[key] = frame
+        return frame
+
+    def answers(self, buf: bytearray) -> list[tuple[int, int]]:
+        out = []
+        size = self.head.size
+        pos = 0
+        while len(buf) - pos >= size:
+            fields = self.head.unpack_from(buf, pos)
+            stop = pos + size + fields[-2] + fields[-1]
+            if stop > len(buf):
+                break
+            # (call_id, status, ...) with call ids; (status, ...) without.
+            out.append((fields[0], fields[1]) if self.mux else (-1, fields[0]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection with ``slots`` calls in flight, each resent on its answer."""
+
+    def __init__(self, load: _Load, codec, first_slot: int) -> None:  # noqa: ANN001
+        self.load = load
+        self.codec = codec
+        self.slots = range(first_slot, first_slot + codec.slots_per_conn)
+        self.active = len(self.slots)
+        self.starts: dict[int, int] = {}
+        self.n = first_slot
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.finished = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        self.transport = transport
+        for slot in self.slots:
+            self._send(slot)
+
+    def connection_lost(self, exc) -> None:  # noqa: ANN001
+        if not self.finished.done():
+            self.load.errors += 1
+            self.finished.set_result(None)
+
+    def _send(self, slot: int) -> None:
+        if self.load.stopped:
+            self.active -= 1
+            if not self.active and not self.finished.done():
+                self.finished.set_result(None)
+                self.transport.close()
+            return
+        self.n += 1
+        self.starts[slot] = time.perf_counter_ns()
+        self.transport.write(self.codec.request(slot, self.n))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        answers = self.codec.answers(self.buf)
+        if not answers:
+            return
+        now = time.perf_counter_ns()
+        slots = [self.slots[0] if slot < 0 else slot for slot, _ in answers]
+        for slot, (_, status) in zip(slots, answers, strict=True):
+            self.load.record(now - self.starts[slot], status)
+        for slot in slots:
+            self._send(slot)
+
+
 class _Load:
     def __init__(self) -> None:
         self.stopped = False
@@ -288,40 +363,20 @@ class _Load:
             self.non_2xx += 1
 
 
-def _encode(url: str, bodies: list[bytes]) -> tuple[list[bytes], bool]:
-    if url.startswith("unix:"):
-        from dcf import wire
-
-        headers = [("content-type", "application/octet-stream")]
-        return [wire.encode_request("POST", "/", "", headers, b) for b in bodies], True
-    parts = urlsplit(url)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    out = []
-    for body in bodies:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        out.append(head.encode() + body)
-    return out, False
-
-
 async def _run(url: str, conns: int, duration: float, warmup: float, bodies: list[bytes]) -> dict:
     loop = asyncio.get_running_loop()
-    requests, framed = _encode(url, bodies)
+    framed = url.startswith("unix:")
+    codec = _FramedCodec(bodies, conns) if framed else _HttpCodec(url, bodies)
     load = _Load()
     protocols = []
-    for _ in range(conns):
+    for first in range(0, conns, codec.slots_per_conn):
         if framed:
             _, proto = await loop.create_unix_connection(
-                lambda: _Conn(load, requests, True), url[len("unix:") :]
+                lambda first=first: _Conn(load, codec, first), url[len("unix:") :]
             )
         else:
-            parts = urlsplit(url)
             _, proto = await loop.create_connection(
-                lambda: _Conn(load, requests, False), parts.hostname, parts.port or 80
+                lambda first=first: _Conn(load, codec, first), codec.host, codec.port
             )
         protocols.append(proto)
     await asyncio.sleep(warmup)
@@ -332,14 +387,14 @@ async def _run(url: str, conns: int, duration: float, warmup: float, bodies: lis
     elapsed = time.perf_counter() - start
     load.stopped = True
     await asyncio.wait([p.finished for p in protocols], timeout=30)
-    lat = sorted(load.latencies)
-    ms = [x / 1e6 for x in lat]
+    ms = sorted(x / 1e6 for x in load.latencies)
+    kind = "python-framed" + ("-mux" if framed and codec.mux else "") if framed else "python-http"
     return {
-        "generator": "python-framed" if framed else "python-http",
+        "generator": kind,
         "conns": conns,
         "duration_s": round(elapsed, 2),
-        "requests": len(lat),
-        "rps": round(len(lat) / elapsed, 1),
+        "requests": len(ms),
+        "rps": round(len(ms) / elapsed, 1),
         "p50_ms": round(util.percentile(ms, 50) or 0, 4),
         "p90_ms": round(util.percentile(ms, 90) or 0, 4),
         "p99_ms": round(util.percentile(ms, 99) or 0, 4),
@@ -372,4 +427,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

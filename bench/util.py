@@ -199,24 +199,30 @@ def spawn(
     stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = None,
     cwd: str | Path | None = None,
+    stderr_log: str | Path | None = None,
 ) -> subprocess.Popen:
     """Start a process in its own session, optionally pinned, remembered for cleanup."""
     full_env = {**os.environ, **(env or {})}
     out = stdout
     if out is None:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    if stderr_log:
+        err = open(stderr_log, "ab")  # noqa: SIM115 - closed below
+    else:
+        err = subprocess.STDOUT if log or stdout is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         list(cmd),
         env=full_env,
         stdin=stdin,
         stdout=out,
-        stderr=subprocess.STDOUT if log or stdout is not None else subprocess.DEVNULL,
+        stderr=err,
         preexec_fn=_preexec(cpus),
         start_new_session=True,
         cwd=cwd,
     )
-    if hasattr(out, "close"):
-        out.close()
+    for handle in (out, err):
+        if hasattr(handle, "close"):
+            handle.close()
     _procs.append(proc)
     return proc
 
@@ -227,10 +233,8 @@ def stop(proc: subprocess.Popen, grace: float = 8.0, sig: int = signal.SIGTERM) 
     if proc.poll() is None:
         with contextlib.suppress(OSError):
             os.kill(proc.pid, sig)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
     # Whatever it started and did not stop (replicas, Ray's processes) goes now.
     for pid in [proc.pid, *tree]:
         with contextlib.suppress(OSError):
@@ -257,8 +261,46 @@ def install_cleanup() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C stops the bench even when it was started with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGHUP, on_term)
+
+
+# -- a shared machine -----------------------------------------------------------------------------
+
+
+def _busy_and_total() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy_pct(interval: float = 1.0) -> float:
+    """How busy all cores were over ``interval`` seconds, in % of the machine."""
+    busy0, total0 = _busy_and_total()
+    time.sleep(interval)
+    busy1, total1 = _busy_and_total()
+    return 100 * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 25.0, calm: int = 3) -> float | None:
+    """Wait (up to ``max_wait`` s) until the machine has been under ``threshold`` % busy for
+    ``calm`` seconds in a row: other people's work on a shared machine skews every number.
+    Returns the last reading."""
+    if max_wait <= 0:
+        return None
+    deadline = time.monotonic() + max_wait
+    quiet = 0
+    reading = 100.0
+    while time.monotonic() < deadline:
+        reading = machine_busy_pct(1.0)
+        quiet = quiet + 1 if reading < threshold else 0
+        if quiet >= calm:
+            return reading
+    log(f"machine still {reading:.0f}% busy after waiting {max_wait:g}s for quiet; going on")
+    return reading
 
 
 # -- misc -----------------------------------------------------------------------------------------
