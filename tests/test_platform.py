@@ -109,6 +109,8 @@ def test_three_handler_forms_and_request_fields(gw: GatewayProcess, root: Path):
         assert r.text == "model:x" and r.headers["content-type"].startswith("text/plain")
         r = http.post("/function/form-async")
         assert (r.status_code, r.content, r.headers["x-made"]) == (201, b"made", "yes")
+        # Framed with a length, never chunked.
+        assert r.headers["content-length"] == "4" and "transfer-encoding" not in r.headers
 
 
 def test_module_code_runs_once_per_replica(gw: GatewayProcess, root: Path):

@@ -18,8 +18,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def config_option(help: str):  # noqa: A002, ANN201 - click's own word
-    return click.option("-f", "--yaml", "config", default="config.yaml", show_default=True,
-                        help=help)
+    return click.option(
+        "-f", "--yaml", "config", default="config.yaml", show_default=True, help=help
+    )
 
 
 @click.group()

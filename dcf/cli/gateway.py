@@ -48,9 +48,7 @@ def start(host: str, port: int, backend: str, token: str | None, home: str, max_
 
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
     try:
-        app = create_app(
-            Settings(home=Path(home), backend=backend, token=token, max_body=max_body)
-        )
+        app = create_app(Settings(home=Path(home), backend=backend, token=token, max_body=max_body))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"DCF gateway on http://{host}:{port} (backend {backend}, state in {home})")
@@ -61,5 +59,8 @@ def start(host: str, port: int, backend: str, token: str | None, home: str, max_
         log_level="warning",
         loop="auto",
         http="httptools",
+        # Nothing here reads X-Forwarded-*; the layer costs every call a few µs.
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=10,
     )

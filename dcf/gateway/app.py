@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,17 @@ from dcf.gateway.metrics import Metrics
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 32 << 20
+
+
+def freeze_heap() -> None:
+    """Move everything alive after start-up out of the collector's reach.
+
+    Otherwise each full collection under load rescans ~65,000 start-up objects
+    (30-50 ms, freeing nothing): the gateway's p99 at 64 connections fell from
+    ~38 ms to ~8 ms with this (bench/README.md).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -65,6 +77,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         await self.manager.restore()
+        freeze_heap()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(Autoscaler(self.manager).run()),

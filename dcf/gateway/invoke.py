@@ -31,7 +31,18 @@ _DROP = frozenset(
         "host",
     }
 )
+# Set by the gateway from the body it sends; a replica's own would be wrong or chunked.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _JSON = [(b"content-type", b"application/json")]
+
+
+def response_headers(headers: list[tuple[str, str]], body: bytes) -> list[tuple[bytes, bytes]]:
+    """ASGI headers with a content-length, so the server need not chunk (and copy) the body."""
+    raw = [(b"content-length", str(len(body)).encode())]
+    for key, value in headers:
+        if key not in _FRAMING:
+            raw.append((key.encode("latin-1"), value.encode("latin-1")))
+    return raw
 
 
 class BodyTooLarge(Exception):
@@ -59,7 +70,7 @@ async def read_body(receive, limit: int) -> bytes:  # noqa: ANN001 - ASGI callab
 
 async def send_json(send, status: int, payload: dict, extra: list | None = None) -> None:  # noqa: ANN001
     body = json.dumps(payload).encode()
-    headers = _JSON + (extra or [])
+    headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -96,7 +107,7 @@ class Invoke:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                "headers": response_headers(headers, body),
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -138,8 +149,10 @@ class Invoke:
                     {
                         "type": "http.response.start",
                         "status": status,
-                        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-                        + [(b"x-dcf-job-status", b"done")],
+                        "headers": [
+                            *response_headers(headers, body),
+                            (b"x-dcf-job-status", b"done"),
+                        ],
                     }
                 )
                 await send({"type": "http.response.body", "body": body})

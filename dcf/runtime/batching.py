@@ -61,6 +61,7 @@ class Batcher:
         self._options = options
         self._pending: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._last_size = 0
 
     async def submit(self, item: Any) -> tuple[Any, int]:
         """Run ``item`` in a batch; return its result and, for one call per batch, the
@@ -73,6 +74,11 @@ class Batcher:
 
     async def _collect(self) -> list[tuple[Any, asyncio.Future[Any]]]:
         group = [await self._pending.get()]
+        if self._pending.empty() and self._last_size <= 1:
+            # Nothing came while the last batch ran: the load is one call at a time,
+            # and waiting for company would only add max_wait_ms to each.
+            self._last_size = 1
+            return group
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.max_wait_ms / 1000
         while len(group) < self._options.max_size:
@@ -87,6 +93,7 @@ class Batcher:
                 group.append(await asyncio.wait_for(self._pending.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self._last_size = len(group)
         return group
 
     async def _work(self) -> None:

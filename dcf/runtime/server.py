@@ -138,7 +138,14 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers],
+                "headers": [
+                    (b"content-length", str(len(out)).encode()),
+                    *(
+                        (k.encode("latin-1"), v.encode("latin-1"))
+                        for k, v in headers
+                        if k not in ("content-length", "transfer-encoding")
+                    ),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": out})
