@@ -22,7 +22,9 @@ demo: install
 test: install-test
 	VENV=$(VENV) bash scripts/test.sh
 
-bench: install
+bench: install-test
+	$(VENV)/bin/python -m pip install --quiet -e '.[bench]' py-spy
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(VENV)/bin/python -m bench
 
 lint: install-test
