@@ -61,24 +61,46 @@ def _headers(lines: list[str]) -> Headers:
     return out
 
 
+LARGE_BODY = 64 << 10
+
+
 class FrameReader:
-    """Cuts a byte stream into frames of one kind (request or response)."""
+    """Cuts a byte stream into frames of one kind (request or response).
+
+    Small frames are cut from one buffer. A large body (an image, say) is kept
+    as the chunks it arrived in and joined once when complete, so its bytes
+    are copied once rather than on every chunk.
+    """
 
     def __init__(self, head: struct.Struct) -> None:
         self._head = head
         self._buffer = bytearray()
         self._need = head.size  # bytes that must be buffered before parsing can progress
+        self._large: tuple | None = None  # (head fields, meta) of the large body under way
+        self._chunks: list[bytes] = []
+        self._missing = 0
 
     def feed(self, data: bytes) -> list[tuple]:
         """``(*head_fields_but_lengths, meta, body)`` for every frame completed by ``data``."""
+        frames: list[tuple] = []
+        if self._large is not None:
+            if len(data) < self._missing:
+                self._chunks.append(data)
+                self._missing -= len(data)
+                return frames
+            self._chunks.append(data[: self._missing])
+            frames.append((*self._large, b"".join(self._chunks)))
+            data = data[self._missing :]
+            self._large, self._chunks = None, []
+            if not data:
+                return frames
         buffer = self._buffer
         buffer += data
         end = len(buffer)
         if end < self._need:
-            return []  # the middle of a large body: nothing to parse yet
+            return frames
         head = self._head
         size = head.size
-        frames = []
         start = 0
         with memoryview(buffer) as view:  # slices of a view copy once, not twice
             while end - start >= size:
@@ -87,6 +109,11 @@ class FrameReader:
                 body_at = meta_at + fields[-2]
                 stop = body_at + fields[-1]
                 if stop > end:
+                    if fields[-1] >= LARGE_BODY and body_at <= end:
+                        self._large = (*fields[:-2], bytes(view[meta_at:body_at]))
+                        self._chunks = [bytes(view[body_at:end])]
+                        self._missing = stop - end
+                        start = stop = end
                     break
                 frames.append(
                     (*fields[:-2], bytes(view[meta_at:body_at]), bytes(view[body_at:stop]))

@@ -263,13 +263,13 @@ def test_frames_survive_any_chunking_of_the_stream():
     rng = random.Random(7)
     sent = []
     for call_id in range(1, 120):
-        body = rng.randbytes(rng.choice([0, 5, 70_000]))
+        body = rng.randbytes(rng.choice([0, 5, 70_000, 65_536, 300_000]))
         sent.append((call_id, 200 + call_id % 3, call_id % 5, [("x-a", "b:c"), ("k", "")], body))
     stream = b"".join(b"".join(wire.response_frame(i, s, h, b, n)) for i, s, n, h, b in sent)
     reader = wire.FrameReader(wire.RESPONSE_HEAD)
     got, pos = [], 0
     while pos < len(stream):
-        step = rng.choice([1, 7, 13, 100, 65_536, 200_000])
+        step = rng.choice([1, 7, 13, 100, 65_536, 65_537, 200_000])
         got.extend(reader.feed(stream[pos:pos + step]))
         pos += step
     assert [(i, s, n, wire.parse_response_meta(m), b) for i, s, n, m, b in got] == sent
