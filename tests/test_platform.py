@@ -238,6 +238,9 @@ def test_update_under_load_drops_no_call(gw: GatewayProcess, root: Path):
     bodies = [text for _, text in seen]
     assert bodies[0] == "v1" and bodies[-1] == "v2"
     assert len(seen) > 50
+    # Both versions' replica starts are counted, and the counter never went down.
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'dcf_function_cold_starts_total{function="rolling"} 4.0' in metrics
 
 
 def test_replica_killed_mid_call_fails_only_its_calls_and_comes_back(gw: GatewayProcess,

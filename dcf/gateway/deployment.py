@@ -66,10 +66,6 @@ class Deployment:
     def ready(self) -> int:
         return len(self.pool.replicas)
 
-    @property
-    def starting(self) -> int:
-        return sum(1 for m in self.members.values() if m.link is None and not m.retiring)
-
     def replicas_info(self) -> list[dict]:
         return [
             {

@@ -50,6 +50,12 @@ class FunctionState:
 
     def __post_init__(self) -> None:
         self.invocations_before = self.record.invocations
+        self.cold_starts_before = 0  # of versions no longer running: the counter never drops
+
+    @property
+    def cold_starts(self) -> int:
+        running = [d for d in (self.live, *self.retired) if d is not None]
+        return self.cold_starts_before + sum(d.cold_starts for d in running)
 
     @property
     def status(self) -> str:
@@ -160,7 +166,7 @@ class FunctionManager:
                     "queued": live.pool.queued if live else 0,
                     "ready": live.ready if live else 0,
                     "desired": live.desired if live else 0,
-                    "cold_starts": live.cold_starts if live else 0,
+                    "cold_starts": state.cold_starts,
                 }
             )
         return out
@@ -280,6 +286,7 @@ class FunctionManager:
         await old.stop(drain=True)
         with contextlib.suppress(ValueError):
             state.retired.remove(old)
+            state.cold_starts_before += old.cold_starts
         self._remove_code(Path(old.code_dir))
 
     def _on_failure(self, state: FunctionState, deployment: Deployment | None, reason: str) -> None:

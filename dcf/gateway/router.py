@@ -202,10 +202,6 @@ class Pool:
     def queued(self) -> int:
         return len(self.waiters)
 
-    @property
-    def capacity(self) -> int:
-        return sum(r.capacity for r in self.replicas)
-
     # one call ------------------------------------------------------------
 
     def _pick(self) -> ReplicaLink | None:
@@ -232,6 +228,12 @@ class Pool:
                 waiter.set_result(link)
                 return True
         return False
+
+    def _release_late(self, link: ReplicaLink, answer: asyncio.Future[Result]) -> None:
+        """The answer to a call that already timed out: nobody reads it but the slot frees."""
+        if not answer.cancelled():
+            answer.exception()  # retrieved, so a lost replica's error is not reported as unread
+        self._release(link)
 
     def _release(self, link: ReplicaLink) -> None:
         link.inflight -= 1
@@ -288,7 +290,7 @@ class Pool:
                     if answer is None or answer.done():
                         self._release(link)
                     else:
-                        answer.add_done_callback(lambda _: self._release(link))
+                        answer.add_done_callback(lambda late: self._release_late(link, late))
         except TimeoutError:
             raise CallError(
                 504, f"{self.function!r} did not answer within {self.timeout:g}s"
