@@ -14,7 +14,7 @@ install: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet -e .
 
 install-test: $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,ray]'
 
 demo: install
 	VENV=$(VENV) bash scripts/demo.sh

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,7 +75,7 @@ class HandlerSpec(Strict):
 class Resources(Strict):
     cpu: float | None = None
     memory: int | None = None
-    gpu: int = 0
+    gpu: float = Field(0, ge=0, description="GPUs; fractions share one on the ray backend")
 
     @field_validator("cpu", mode="before")
     @classmethod
@@ -89,8 +89,8 @@ class Resources(Strict):
 
     @field_validator("gpu", mode="before")
     @classmethod
-    def _gpu(cls, v: Any) -> int:
-        return int(parse_cpu(v)) if v is not None else 0
+    def _gpu(cls, v: Any) -> float:
+        return parse_cpu(v) if v is not None else 0
 
 
 class Replicas(Strict):
@@ -131,8 +131,21 @@ class FunctionSpec(Strict):
     max_queue: int = Field(256, ge=0, description="calls waiting for a replica before 429")
     timeout: float = 30.0
     build_args: dict[str, str] = {}
+    build: list[str] = Field(
+        [], description="shell commands run in a copy of the code, once per code+inputs hash"
+    )
+    build_timeout: float = Field(600.0, description="seconds all build commands may take")
     skip_build: bool = False
     labels: dict[str, str] = {}
+    resources: dict[str, float] = Field(
+        {}, description="Ray custom resources one replica needs, e.g. {my_accelerator: 1}"
+    )
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="replicas of this function on different nodes, or together (ray)"
+    )
+    start_timeout: float = Field(
+        300.0, description="seconds a replica may take to be placed and load; then it fails"
+    )
 
     @field_validator("name")
     @classmethod
@@ -151,10 +164,21 @@ class FunctionSpec(Strict):
             raise ValueError(f"unknown runtime {v!r}; available: {', '.join(RUNTIMES)}")
         return v
 
-    @field_validator("timeout", mode="before")
+    @field_validator("timeout", "build_timeout", "start_timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator("build", mode="before")
+    @classmethod
+    def _build(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(c, str) and c.strip() for c in v):
+            raise ValueError('must be a list of shell commands, e.g. ["python fetch_model.py"]')
+        return v
 
     @field_validator("environment", mode="before")
     @classmethod
@@ -172,6 +196,25 @@ class FunctionSpec(Strict):
         if isinstance(v, dict):
             return {str(k): "" if val is None else str(val) for k, val in v.items()}
         raise ValueError("must be a map of KEY: value or a list of 'KEY=value'")
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, v: Any) -> dict[str, float]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a map of resource name to amount, e.g. {my_accelerator: 1}")
+        out = {}
+        for name, amount in v.items():
+            if str(name) in ("CPU", "GPU", "memory", "cpu", "gpu"):
+                raise ValueError(f"{name!r} is set with requests/limits, not resources")
+            try:
+                out[str(name)] = float(amount)
+            except (TypeError, ValueError):
+                raise ValueError(f"amount of {name!r} must be a number, got {amount!r}") from None
+            if out[str(name)] <= 0:
+                raise ValueError(f"amount of {name!r} must be more than zero")
+        return out
 
     @field_validator("build_args", "labels", mode="before")
     @classmethod

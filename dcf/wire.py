@@ -15,6 +15,11 @@ that times out is simply forgotten, without closing anything.
 Header names and values never hold a newline (HTTP forbids it; ``render``
 strips any a handler returns). Shared by the runtime and the gateway; it
 imports neither.
+
+Call id 0 is never a call. On a TCP connection, which anyone on the network
+can open (unlike a unix socket in the gateway's own directory), the first
+frame must be a HELLO with call id 0 whose body is the gateway's secret; a
+replica closes any connection that opens otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ RESPONSE_HEAD = struct.Struct("!IHHII")
 
 Headers = list[tuple[str, str]]
 
+HELLO = "HELLO"
+HELLO_LIMIT = 4096
+"""Bytes a replica reads from a connection before it must have said HELLO."""
+
 
 def request_frame(
     call_id: int, method: str, path: str, query: str, headers: Headers, body: bytes
@@ -35,6 +44,11 @@ def request_frame(
     lines.extend(f"{k}:{v}" for k, v in headers)
     meta = "\n".join(lines).encode("latin-1")
     return [REQUEST_HEAD.pack(call_id, len(meta), len(body)), meta, body]
+
+
+def hello_frame(secret: bytes) -> list[bytes]:
+    """The first frame on a TCP connection: proves the peer is this replica's gateway."""
+    return request_frame(0, HELLO, "", "", [], secret)
 
 
 def parse_request_meta(meta: bytes) -> tuple[str, str, str, Headers]:

@@ -6,6 +6,8 @@ import concurrent.futures
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ECHO, GatewayProcess, deploy, write_function
+from tests.conftest import ECHO, GatewayProcess, deploy, free_port, write_function
 
 
 def info_of(gw: GatewayProcess, name: str) -> dict:
@@ -476,7 +478,23 @@ def test_gateway_restart_brings_functions_back(tmp_path: Path):
 
 def test_unavailable_backend_is_refused_clearly(tmp_path: Path):
     gw = GatewayProcess(tmp_path / "home")
-    result = gw.dcf("gateway", "start", "--backend", "ray", "--port", str(gw.port))
-    assert result.returncode == 2
-    assert b"the ray backend is not in this release yet" in result.stderr
-    assert b"Traceback" not in result.stderr
+    # No cluster at that address (or, without the extra, no Ray at all): one line, exit 1.
+    closed = f"127.0.0.1:{free_port()}"
+    result = gw.dcf("gateway", "start", "--backend", "ray", "--ray-address", closed)
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"no Ray cluster answers at {closed}" in lines[0] or "dcf[ray]" in lines[0]
+
+    # Ray not installed: the line names the missing extra.
+    hide_ray = "import sys; sys.modules['ray'] = None; from dcf.cli.main import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", hide_ray, "gateway", "start", "--backend", "ray"],
+        capture_output=True,
+        env=gw.env(),
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == ["Error: the ray backend needs Ray on this host: pip install 'dcf[ray]'"
+                     " (import of ray halted; None in sys.modules)"], lines

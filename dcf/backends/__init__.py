@@ -5,13 +5,17 @@ from dcf.backends.base import Backend, Replica, ReplicaFailed, ReplicaSpec
 __all__ = ["Backend", "Replica", "ReplicaFailed", "ReplicaSpec", "create_backend"]
 
 
-def create_backend(kind: str, run_dir: str) -> Backend:
+def create_backend(
+    kind: str, run_dir: str, ray_address: str | None = "auto", ray_namespace: str = "dcf"
+) -> Backend:
+    """The backend named ``kind``; ValueError with one line if it cannot start here."""
     if kind == "local":
         from dcf.backends.local import LocalBackend
 
         return LocalBackend(run_dir)
     if kind == "ray":
-        raise ValueError(
-            "the ray backend is not in this release yet; start the gateway with --backend local"
-        )
-    raise ValueError(f"unknown backend {kind!r}: choose local")
+        # Imported only here: the local backend must work without Ray installed.
+        from dcf.backends.ray import RayBackend
+
+        return RayBackend(ray_address, ray_namespace)
+    raise ValueError(f"unknown backend {kind!r}: choose local or ray")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 LogSink = Callable[[str, str], None]
 """Called with (replica id, one line of its output)."""
@@ -27,8 +27,18 @@ class ReplicaSpec:
     environment: dict[str, str] = field(default_factory=dict)
     concurrency: int = 1
     cpu: float | None = None
+    """Cores asked for (Ray: num_cpus, 1 when unset)."""
     memory: int | None = None
-    gpu: int = 0
+    """Bytes asked for (Ray schedules by it)."""
+    memory_limit: int | None = None
+    """Bytes a replica may use at most (the local backend caps its heap)."""
+    gpu: float = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources (Ray)."""
+    placement: str = "spread"
+    """Replicas of one function on different nodes (spread) or together (pack)."""
+    requirements: tuple[str, ...] = ()
+    """The function's requirements, for backends that install them where replicas run."""
 
 
 class ReplicaFailed(Exception):
@@ -42,6 +52,10 @@ class ReplicaFailed(Exception):
 class Replica(Protocol):
     id: str
     address: str
+    secret: bytes | None
+    """Sent as the first frame on every connection (TCP replicas); None for unix sockets."""
+    detail: str | None
+    """What a replica that is not ready yet is waiting for, for ``info``."""
 
     async def ready(self) -> None:
         """Return once the handler is loaded and serving; raise ``ReplicaFailed`` otherwise."""
@@ -51,6 +65,9 @@ class Replica(Protocol):
 
     async def stop(self, grace: float = 5.0) -> None:
         """End the replica, forcefully after ``grace`` seconds."""
+
+    def where(self) -> dict[str, Any]:
+        """Where it runs, for ``info``: at least ``node`` (``local`` on this host)."""
 
 
 class Backend(Protocol):

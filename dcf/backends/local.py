@@ -52,6 +52,8 @@ class LocalReplica:
     ) -> None:
         self.id = spec.replica_id
         self.address = address
+        self.secret: bytes | None = None  # the socket sits in the gateway's private dir
+        self.detail: str | None = None
         self.pid = proc.pid
         self._proc = proc
         self._status = status
@@ -81,6 +83,9 @@ class LocalReplica:
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
+    def where(self) -> dict[str, str]:
+        return {"node": "local"}
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -102,7 +107,13 @@ class LocalBackend:
         self._gpus = _visible_gpus()
         self._gpu_use: Counter[str] = Counter({g: 0 for g in self._gpus})
 
-    def _claim(self, count: int, function: str) -> list[str]:
+    def _claim(self, count: float, function: str) -> list[str]:
+        if count != int(count):
+            raise ReplicaFailed(
+                f"function {function!r} asks for gpu: {count:g}; the local backend gives whole"
+                " GPUs (fractions are shared on the ray backend)"
+            )
+        count = int(count)
         if count > len(self._gpus):
             raise ReplicaFailed(
                 f"function {function!r} requests {count} GPU(s); this host has {len(self._gpus)}"
@@ -134,8 +145,8 @@ class LocalBackend:
         if self._gpus:
             # A CPU function must not take memory on a GPU another function was given.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        if spec.memory:
-            env["DCF_MEMORY_LIMIT"] = str(spec.memory)
+        if spec.memory_limit:
+            env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()
         env["DCF_STATUS_FD"] = str(write_fd)
         try:

@@ -48,6 +48,8 @@ class Settings:
     token: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     flush_interval: float = 5.0
+    ray_address: str | None = "auto"
+    ray_namespace: str = "dcf"
 
 
 class Gateway:
@@ -59,7 +61,9 @@ class Gateway:
         self.metrics = Metrics()
         self.logs = LogStore(settings.home / "logs")
         run_dir = tempfile.mkdtemp(prefix="dcf-")
-        self.backend = create_backend(settings.backend, run_dir)
+        self.backend = create_backend(
+            settings.backend, run_dir, settings.ray_address, settings.ray_namespace
+        )
         self.manager = FunctionManager(settings.home, self.backend, self.logs, self.metrics)
         self.metrics.add_state_collector(self.manager.snapshot)
         self.invoke = Invoke(self.manager.routes, self.metrics, settings.max_body)

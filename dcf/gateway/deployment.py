@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dcf.backends import Backend, Replica, ReplicaFailed, ReplicaSpec
 from dcf.config import FunctionSpec
+from dcf.gateway.builder import normalise
 from dcf.gateway.router import Pool, ReplicaLink
 
 Log = Callable[[str, str], None]
 """(source, message) → the function's log."""
+
+RESTART_BACKOFF = 0.5
+"""Seconds before the first restart of a replica that died; doubles up to 30 s."""
+HEALTHY_AFTER = 30.0
+"""Seconds of serving after which a replica's next death restarts at the first backoff."""
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Deployment:
         self.version = version
         self.code_dir = code_dir
         self.python = python
+        self.requirements = tuple(normalise(_read(Path(code_dir) / "requirements.txt")))
         self.backend = backend
         self.log = log
         self.pool = Pool(spec.name, spec.max_queue, spec.timeout)
@@ -74,7 +83,10 @@ class Deployment:
                 "inflight": m.link.inflight if m.link else 0,
                 "served": m.link.served if m.link else 0,
                 "pid": getattr(m.replica, "pid", None),
+                "address": m.replica.address if m.replica else None,
+                "detail": m.replica.detail if m.replica else None,
                 "started_at": m.started_at,
+                **(m.replica.where() if m.replica else {"node": "pending"}),
             }
             for m in self.members.values()
         ]
@@ -134,47 +146,80 @@ class Deployment:
             python=self.python,
             environment=dict(s.environment),
             concurrency=s.concurrency,
-            cpu=s.limits.cpu or s.requests.cpu,
-            memory=s.limits.memory or s.requests.memory,
+            cpu=s.requests.cpu if s.requests.cpu is not None else s.limits.cpu,
+            memory=s.requests.memory or s.limits.memory,
+            memory_limit=s.limits.memory or s.requests.memory,
             gpu=max(s.requests.gpu, s.limits.gpu),
+            resources=dict(s.resources),
+            placement=s.placement,
+            requirements=self.requirements,
         )
 
+    async def _start(self, member: Member) -> Replica:
+        """A new replica, ready within the function's start timeout (or ReplicaFailed)."""
+        replica = member.replica = await self.backend.start(self._replica_spec(member.id), self.log)
+        try:
+            await asyncio.wait_for(replica.ready(), self.spec.start_timeout)
+        except asyncio.TimeoutError:
+            waiting = f" (it was {replica.detail})" if replica.detail else ""
+            await replica.stop(grace=1.0)
+            raise ReplicaFailed(
+                f"replica {member.id} was not ready within the start timeout of"
+                f" {self.spec.start_timeout:g}s{waiting}"
+            ) from None
+        return replica
+
     async def _run(self, member: Member) -> None:
-        backoff = 0.5
+        backoff = RESTART_BACKOFF
         try:
             while not (self.stopping or member.retiring):
                 started = time.monotonic()
                 self.log("gateway", f"starting replica {member.id}")
                 try:
-                    member.replica = await self.backend.start(
-                        self._replica_spec(member.id), self.log
-                    )
-                    await member.replica.ready()
+                    replica = await self._start(member)
                 except ReplicaFailed as exc:
                     self._fail(member, exc.reason)
                     return
                 if self.stopping or member.retiring:
-                    await member.replica.stop()
+                    await replica.stop()
                     return
-                member.link = ReplicaLink(member.id, member.replica.address, self.spec.concurrency)
-                self.cold_starts += 1
-                self.log(
-                    "gateway", f"replica {member.id} ready in {time.monotonic() - started:.2f}s"
+                link = member.link = ReplicaLink(
+                    member.id, replica.address, self.spec.concurrency, replica.secret
                 )
-                self.pool.add(member.link)
+                link.on_lost = functools.partial(self._lost, member, link)
+                self.cold_starts += 1
+                where = replica.where()
+                node = where.get("node_ip") or where["node"]
+                self.log(
+                    "gateway",
+                    f"replica {member.id} ready"
+                    + (f" on {node}" if node != "local" else "")
+                    + f" in {time.monotonic() - started:.2f}s",
+                )
+                self.pool.add(link)
                 if not self._first_ready.done():
                     self._first_ready.set_result(None)
-                reason = await member.replica.exited()
-                self.pool.remove(member.link)
+                serving = time.monotonic()
+                reason = await replica.exited()
+                self.pool.remove(link)
                 member.link = None
                 if self.stopping or member.retiring:
                     return
                 self.restarts += 1
+                if time.monotonic() - serving > HEALTHY_AFTER:
+                    backoff = RESTART_BACKOFF  # it had recovered: a new crash starts afresh
                 self.log("gateway", f"replica {member.id} {reason}; restarting in {backoff:g}s")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         finally:
             self.members.pop(member.id, None)
+
+    def _lost(self, member: Member, link: ReplicaLink) -> None:
+        """The replica dropped its connection: route nothing more to it and replace it."""
+        self.pool.remove(link)
+        if member.replica is not None and not (self.stopping or member.retiring):
+            self.log("gateway", f"lost the connection to replica {member.id}; replacing it")
+            asyncio.get_running_loop().create_task(member.replica.stop(grace=1.0))
 
     def _fail(self, member: Member, reason: str) -> None:
         self.log("gateway", f"replica {member.id} could not start:\n{reason.rstrip()}")
@@ -213,3 +258,10 @@ class Deployment:
                 member.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await member.task
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import sys
 import time
 from collections import deque
@@ -59,10 +60,17 @@ class CallError(Exception):
 class ReplicaChannel(asyncio.Protocol):
     """The one connection to a replica; concurrent calls share it, matched by call id."""
 
-    def __init__(self, on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_batch: Callable[[int], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.on_batch = on_batch
+        self.on_lost = on_lost
+        """Told when the replica's side ends the connection (not when the gateway closes it)."""
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.closing = False
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[Result]] = {}
         self._ids = itertools.count(1)
@@ -86,6 +94,8 @@ class ReplicaChannel(asyncio.Protocol):
         for future in pending.values():
             if not future.done():
                 future.set_exception(ConnectionResetError("the replica closed the connection"))
+        if not self.closing and self.on_lost is not None:
+            self.on_lost()
 
     def send(
         self, method: str, path: str, query: str, headers: wire.Headers, body: bytes
@@ -108,20 +118,47 @@ class ReplicaChannel(asyncio.Protocol):
             self.transport.writelines(outbox)
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None:
             self.transport.close()
+
+
+KEEPALIVE = {"idle": 5, "interval": 2, "count": 3, "unacked_ms": 10_000}
+"""A TCP replica whose node vanishes without closing anything (power loss, a cut
+cable) is found by the kernel's keepalive probes within idle + interval × count
+= 11 s while the connection is quiet, and by the unacknowledged-data timeout
+within 10 s while calls are being sent. A busy handler does not delay either:
+the peer's kernel answers them, not its event loop."""
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = [
+        ("TCP_KEEPIDLE", KEEPALIVE["idle"]),
+        ("TCP_KEEPINTVL", KEEPALIVE["interval"]),
+        ("TCP_KEEPCNT", KEEPALIVE["count"]),
+        ("TCP_USER_TIMEOUT", KEEPALIVE["unacked_ms"]),
+    ]
+    for name, value in options:
+        if hasattr(socket, name):  # Linux has them all; others keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class ReplicaLink:
     """The gateway's side of one replica: its channel and in-flight count."""
 
-    def __init__(self, replica_id: str, address: str, capacity: int) -> None:
+    def __init__(
+        self, replica_id: str, address: str, capacity: int, secret: bytes | None = None
+    ) -> None:
         self.id = replica_id
         self.address = address
         self.capacity = capacity
+        self.secret = secret
         self.inflight = 0
         self.served = 0
         self.on_batch: Callable[[int], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        """Told when the replica drops the connection: it is dead, or cut off."""
         self._channel: ReplicaChannel | None = None
         self._connecting: asyncio.Future[ReplicaChannel] | None = None
 
@@ -129,11 +166,14 @@ class ReplicaLink:
         loop = asyncio.get_running_loop()
 
         def channel() -> ReplicaChannel:
-            return ReplicaChannel(self.on_batch)
+            return ReplicaChannel(self.on_batch, self.on_lost)
 
         if self.address.startswith("tcp://"):
             host, port = self.address[len("tcp://") :].rsplit(":", 1)
-            _, opened = await loop.create_connection(channel, host, int(port))
+            transport, opened = await loop.create_connection(channel, host, int(port))
+            _keep_alive(transport.get_extra_info("socket"))
+            if self.secret is not None:
+                transport.writelines(wire.hello_frame(self.secret))
         else:
             _, opened = await loop.create_unix_connection(channel, self.address)
         return opened

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,13 @@ class GatewayConnection(asyncio.Protocol):
     """Serves the calls the gateway multiplexes on one connection.
 
     Answers written in the same turn of the loop leave in one write, so a
-    replica under load pays one syscall for several calls.
+    replica under load pays one syscall for several calls. With a ``secret``
+    (TCP), nothing is served until the peer's first frame proves it knows it.
     """
 
-    def __init__(self, invoker: Invoker, info: dict[str, str]) -> None:
+    HELLO_TIMEOUT = 5.0
+
+    def __init__(self, invoker: Invoker, info: dict[str, str], secret: bytes | None = None) -> None:
         self._invoker = invoker
         self._info = info
         self._reader = wire.FrameReader(wire.REQUEST_HEAD)
@@ -42,13 +46,39 @@ class GatewayConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._secret = secret
+        self._unproven = 0  # bytes read before the HELLO
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        if self._secret is not None:
+            self._loop.call_later(self.HELLO_TIMEOUT, self._refuse_if_unproven)
+
+    def _refuse_if_unproven(self) -> None:
+        if self._secret is not None and self._transport is not None:
+            self._transport.abort()
+
+    def _prove(self, data: bytes) -> list[tuple]:
+        """Frames after a valid HELLO; closes the connection on anything else."""
+        self._unproven += len(data)
+        frames = self._reader.feed(data)
+        if not frames:
+            if self._unproven > wire.HELLO_LIMIT and self._transport is not None:
+                self._transport.abort()
+            return []
+        call_id, meta, body = frames[0]
+        hello = call_id == 0 and meta.split(b"\n", 1)[0] == wire.HELLO.encode()
+        if not (hello and hmac.compare_digest(body, self._secret)):
+            if self._transport is not None:
+                self._transport.abort()
+            return []
+        self._secret = None
+        return frames[1:]
 
     def data_received(self, data: bytes) -> None:
         invoker = self._invoker
-        for call_id, meta, body in self._reader.feed(data):
+        frames = self._prove(data) if self._secret is not None else self._reader.feed(data)
+        for call_id, meta, body in frames:
             request = make_request(*wire.parse_request_meta(meta), body, self._info)
             if invoker.inline:
                 self._answer(call_id, invoker.call_now(request), 0)
@@ -74,6 +104,23 @@ class GatewayConnection(asyncio.Protocol):
         self._transport = None
 
 
+async def open_server(
+    invoker: Invoker, address: str, info: dict[str, str], secret: bytes | None = None
+) -> asyncio.AbstractServer:
+    """Listen for the gateway on a unix socket or ``tcp://host:port`` (port 0: any free one)."""
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> GatewayConnection:
+        return GatewayConnection(invoker, info, secret)
+
+    if address.startswith("tcp://"):
+        host, port = address[len("tcp://") :].rsplit(":", 1)
+        return await loop.create_server(protocol, host, int(port))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    return await loop.create_unix_server(protocol, address)
+
+
 async def serve_socket(
     invoker: Invoker,
     address: str,
@@ -81,18 +128,7 @@ async def serve_socket(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the gateway on a unix socket (or ``tcp://host:port``) until cancelled."""
-    loop = asyncio.get_running_loop()
-
-    def protocol() -> GatewayConnection:
-        return GatewayConnection(invoker, info)
-
-    if address.startswith("tcp://"):
-        host, port = address[len("tcp://") :].rsplit(":", 1)
-        server = await loop.create_server(protocol, host, int(port))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-        server = await loop.create_unix_server(protocol, address)
+    server = await open_server(invoker, address, info)
     if on_ready is not None:
         on_ready()
     async with server:

@@ -528,7 +528,8 @@ class FunctionView {
               this.scaleMessage),
             h("div", { class: "panel-body flush table-scroll" },
               h("table", { id: "replicas-table" }, h("thead", {}, h("tr", {},
-                h("th", {}, "Replica"), h("th", {}, "State"), h("th", { class: "num" }, "In flight"),
+                h("th", {}, "Replica"), h("th", {}, "State"), h("th", {}, "Node"),
+                h("th", { class: "num" }, "In flight"),
                 h("th", { class: "num" }, "Served"), h("th", { class: "num" }, "PID"),
                 h("th", { class: "num" }, "Uptime"))), this.replicasBody)))),
         this.tryPanel.element,
@@ -611,11 +612,13 @@ class FunctionView {
       h("tr", { dataset: { replica: r.id, state: r.state } },
         h("td", { class: "mono" }, r.id),
         h("td", {}, h("span", { class: `badge status-${r.state === "ready" ? "ready"
-          : r.state === "starting" ? "building" : "not-ready"}` }, r.state)),
+          : r.state === "starting" ? "building" : "not-ready"}`, title: r.detail || "" }, r.state)),
+        h("td", { class: "mono", title: [r.node, r.address].filter(Boolean).join(" ") },
+          r.node_ip ? `${r.node_ip} · ${r.node.slice(0, 8)}` : (r.node ?? "—")),
         h("td", { class: "num" }, r.inflight), h("td", { class: "num" }, fmtInt(r.served)),
         h("td", { class: "num mono" }, r.pid ?? "—"),
         h("td", { class: "num" }, fmtUptime(r.started_at))))
-      : [h("tr", {}, h("td", { colspan: 6, class: "empty" },
+      : [h("tr", {}, h("td", { colspan: 7, class: "empty" },
         info.status === "Scaled to zero" ? "Scaled to zero: the next call starts a replica."
           : "No replicas running."))]));
     const editing = [this.scaleMin, this.scaleMax].includes(document.activeElement);
