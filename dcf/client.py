@@ -1,19 +1,27 @@
-"""A Python client of the gateway's HTTP API; the CLI is built on it and nothing else."""
+"""A Python client of the gateway's HTTP API; the CLI is built on it and nothing else.
+
+It speaks HTTP with the standard library's http.client: importing httpx takes
+about 0.1 s, most of what ``dcf function call`` may take from start to answer,
+and one keep-alive connection is all a client needs.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import io
 import json
 import os
-import tarfile
+import select
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
 
-import httpx
-
-from dcf.config import FunctionSpec
+if TYPE_CHECKING:
+    from dcf.config import FunctionSpec
 
 DEFAULT_GATEWAY = "127.0.0.1:31113"
 _SKIP = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
@@ -44,6 +52,8 @@ def gateway_url(address: str | None) -> str:
 
 def pack(directory: Path) -> bytes:
     """The handler directory as a tar.gz, without caches and VCS folders."""
+    import tarfile
+
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in sorted(directory.rglob("*")):
@@ -54,7 +64,24 @@ def pack(directory: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _error_message(response: httpx.Response) -> str:
+@dataclass
+class Response:
+    """An answer of the gateway, read in full (attributes named as in httpx)."""
+
+    status_code: int
+    headers: http.client.HTTPMessage  # case-insensitive: headers["content-type"]
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        charset = self.headers.get_content_charset() or "utf-8"
+        return self.content.decode(charset, errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _error_message(response: Response) -> str:
     try:
         payload = response.json()
         if isinstance(payload, dict) and "error" in payload:
@@ -69,27 +96,21 @@ class Client:
         self, gateway: str | None = None, token: str | None = None, timeout: float = 300.0
     ) -> None:
         self.url = gateway_url(gateway)
+        self.timeout = timeout
         token = token or os.environ.get("DCF_TOKEN")
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(self.url, type(exc).__name__) from None
-        if response.status_code >= 400:
-            raise GatewayError(response.status_code, _error_message(response), response.content)
-        return response
 
     # management --------------------------------------------------------------
 
@@ -100,7 +121,7 @@ class Client:
         return self._request("GET", "/system/functions").json()
 
     def info(self, name: str) -> dict:
-        return self._request("GET", f"/system/function/{name}").json()
+        return self._request("GET", _system(name)).json()
 
     def deploy(
         self,
@@ -118,56 +139,176 @@ class Client:
         method = "PUT" if update else "POST"
         if not wait:
             return self._request(method, "/system/functions", json=payload).json()
+        result: dict = {}
         headers = {"accept": "application/x-ndjson"}
-        try:
-            with self._http.stream(
-                method, "/system/functions", json=payload, headers=headers
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise GatewayError(response.status_code, _error_message(response))
-                result: dict = {}
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if "log" in event and on_log is not None:
-                        on_log(event["log"])
-                    if "status" in event:
-                        result = event
-                return result
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(self.url, type(exc).__name__) from None
+        with self._stream(
+            method, "/system/functions", json=payload, headers=headers, timeout=self.timeout
+        ) as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if "log" in event and on_log is not None:
+                    on_log(event["log"])
+                if "status" in event:
+                    result = event
+        return result
 
     def delete(self, name: str) -> None:
-        self._request("DELETE", f"/system/function/{name}")
+        self._request("DELETE", _system(name))
 
     def scale(self, name: str, min_replicas: int | None, max_replicas: int | None) -> dict:
         body = {"min": min_replicas, "max": max_replicas}
-        return self._request("POST", f"/system/function/{name}/scale", json=body).json()
+        return self._request("POST", _system(name, "/scale"), json=body).json()
 
     def logs(self, name: str, tail: int = 100) -> str:
-        return self._request("GET", f"/system/function/{name}/logs", params={"tail": tail}).text
+        return self._request("GET", _system(name, "/logs"), params={"tail": tail}).text
 
     def follow_logs(self, name: str, tail: int = 100) -> Iterator[str]:
         params = {"tail": tail, "follow": "true"}
-        try:
-            with self._http.stream(
-                "GET", f"/system/function/{name}/logs", params=params, timeout=None
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise GatewayError(response.status_code, _error_message(response))
-                yield from response.iter_lines()
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(self.url, type(exc).__name__) from None
+        with self._stream("GET", _system(name, "/logs"), params=params, timeout=None) as lines:
+            yield from lines
 
     # data plane ----------------------------------------------------------------
 
     def invoke(
         self, name: str, body: bytes = b"", query: dict | None = None, headers: dict | None = None
-    ) -> httpx.Response:
-        """Call a function; a non-2xx answer raises GatewayError with its message."""
+    ) -> Response:
+        """Call a function; a non-2xx answer raises GatewayError with its message.
+
+        ``name`` may go on with a path for the handler (``name/sub/path``).
+        """
         return self._request(
-            "POST", f"/function/{name}", content=body, params=query, headers=headers
+            "POST", f"/function/{quote(name, safe='/')}", body=body, params=query, headers=headers
         )
+
+    # HTTP ------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        json: Any = None,
+        params: dict | None = None,
+        headers: dict | None = None,
+    ) -> Response:
+        """One exchange on the kept-alive connection; a non-2xx answer raises GatewayError."""
+        path, body, headers = self._prepare(path, body, json, params, headers)
+        conn = self._conn
+        if conn is None or _closed_by_peer(conn):
+            self.close()
+            conn = self._conn = self._connect(self.timeout)
+        try:
+            raw = self._send(conn, method, path, body, headers)
+            response = self._read(raw)
+        except BaseException:
+            self.close()
+            raise
+        if raw.will_close:
+            self.close()
+        if response.status_code >= 400:
+            raise GatewayError(response.status_code, _error_message(response), response.content)
+        return response
+
+    @contextlib.contextmanager
+    def _stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict | None = None,
+        headers: dict | None = None,
+        timeout: float | None,
+    ) -> Iterator[Iterator[str]]:
+        """An answer read line by line as it arrives, on a connection of its own."""
+        path, body, headers = self._prepare(path, b"", json, params, headers)
+        conn = self._connect(timeout)
+        try:
+            raw = self._send(conn, method, path, body, headers)
+            if raw.status >= 400:
+                error = self._read(raw)
+                raise GatewayError(raw.status, _error_message(error), error.content)
+            yield _lines(raw, self.url)
+        finally:
+            conn.close()
+
+    def _prepare(
+        self, path: str, body: bytes, payload: Any, params: dict | None, headers: dict | None
+    ) -> tuple[str, bytes, dict]:
+        headers = {**self._headers, **(headers or {})}
+        if payload is not None:
+            body = json.dumps(payload).encode()
+            headers["content-type"] = "application/json"
+        if params:
+            path += "?" + urlencode(params)
+        return path, body, headers
+
+    def _send(
+        self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes, headers: dict
+    ) -> http.client.HTTPResponse:
+        try:
+            conn.request(method, urlsplit(self.url).path + path, body=body, headers=headers)
+            return conn.getresponse()
+        except (UnicodeError, ValueError) as exc:  # a header http.client refuses to send
+            raise GatewayError(0, f"invalid request: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise GatewayUnreachable(self.url, _reason(exc)) from None
+
+    def _read(self, raw: http.client.HTTPResponse) -> Response:
+        try:
+            return Response(raw.status, raw.headers, raw.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise GatewayUnreachable(self.url, _reason(exc)) from None
+
+    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        try:
+            target = urlsplit(self.url)
+            port = target.port
+        except ValueError:
+            raise GatewayError(0, f"{self.url!r} is not a valid gateway address") from None
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise GatewayError(0, f"{self.url!r} is not a valid gateway address")
+        https = target.scheme == "https"
+        kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        conn = kind(target.hostname, port, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            reason = "ConnectTimeout" if isinstance(exc, TimeoutError) else "ConnectError"
+            raise GatewayUnreachable(self.url, reason) from None
+        return conn
+
+
+def _system(name: str, rest: str = "") -> str:
+    return f"/system/function/{quote(name, safe='')}{rest}"
+
+
+def _lines(raw: http.client.HTTPResponse, url: str) -> Iterator[str]:
+    try:
+        for line in raw:
+            yield line.decode(errors="replace").rstrip("\r\n")
+    except (OSError, http.client.HTTPException) as exc:
+        raise GatewayUnreachable(url, _reason(exc)) from None
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """An idle kept-alive connection the gateway has closed: readable with nothing to read."""
+    if conn.sock is None:
+        return True
+    try:
+        return bool(select.select([conn.sock], [], [], 0)[0])
+    except (ValueError, OSError):  # a descriptor select cannot watch: start afresh
+        return True
+
+
+def _reason(exc: BaseException) -> str:
+    """httpx's names for what went wrong, as the CLI has always worded them."""
+    if isinstance(exc, TimeoutError):
+        return "ReadTimeout"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "RemoteProtocolError"
+    return "ReadError"

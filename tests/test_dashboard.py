@@ -192,6 +192,7 @@ def test_function_page_shows_config_replicas_and_latency_chart(page, gw, functio
     row = page.locator(f'#replicas-table tr[data-replica="{replica["id"]}"]')
     expect(row).to_have_attribute("data-state", "ready")
     expect(row).to_contain_text(str(replica["pid"]))
+    expect(row).to_contain_text("local")  # the node it runs on
 
     # The chart is built from polling: a point per refresh, both lines drawn.
     page.wait_for_function(

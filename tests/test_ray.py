@@ -278,19 +278,54 @@ def test_update_under_load_fails_no_call(rgw: GatewayProcess, tmp_path: Path) ->
 
 
 def test_scale_to_zero_and_back(rgw: GatewayProcess, tmp_path: Path) -> None:
-    deploy(
-        rgw,
+    config = write_function(
         tmp_path,
         "napper",
         ECHO,
         replicas={"min": 0, "max": 1, "idle_timeout": "1s"},
         requests={"cpu": "0.25"},
     )
+    rgw.dcf("function", "create", "-f", str(config), "napper", check=True)
     rgw.wait_status("napper", "Scaled to zero", timeout=30)
     assert replicas(rgw, "napper") == []
     answer = rgw.dcf("function", "call", "napper", input="awake", check=True)
     assert answer.stdout == b"awake"
+    rgw.dcf("function", "scale", "napper", "--min", "2", "--max", "2", check=True)
+    all_ready(rgw, "napper", 2)
     rgw.dcf("function", "delete", "napper", check=True)
+
+
+def test_a_replica_waiting_for_busy_resources_says_why_then_gives_up(
+    rgw: GatewayProcess, tmp_path: Path
+) -> None:
+    # worker1 has one unit of its custom resource: the first function takes it.
+    deploy(rgw, tmp_path, "holder", ECHO, resources={"worker1": 1}, requests={"cpu": "0"})
+    config = write_function(
+        tmp_path,
+        "waiter",
+        ECHO,
+        resources={"worker1": 1},
+        requests={"cpu": "0"},
+        start_timeout="4s",
+    )
+    rgw.dcf("function", "create", "-f", str(config), "waiter", "--no-wait", check=True)
+
+    def waiting() -> dict | None:
+        with rgw.http() as http:
+            info = http.get("/system/function/waiter").json()
+        listed = info["replicas"]["list"]
+        return info if listed and listed[0]["detail"] else None
+
+    info = wait_until(waiting, timeout=10)
+    assert info["status"] in ("Building", "Not Ready")
+    assert "waiting for the cluster" in info["replicas"]["list"][0]["detail"]
+    info = rgw.wait_status("waiter", "Failed", timeout=30)
+    assert "not ready within the start timeout of 4s" in info["failure"]
+    assert "waiting for the cluster" in info["failure"]
+    # The holder kept its replica; the waiter left nothing pending behind.
+    assert rgw.dcf("function", "call", "holder", input="still", check=True).stdout == b"still"
+    for name in ("holder", "waiter"):
+        rgw.dcf("function", "delete", name, check=True)
 
 
 def test_ssd_example_gives_the_same_boxes_as_locally(

@@ -1,4 +1,8 @@
-"""``dcf function ...``: the seed's workflow, command for command."""
+"""``dcf function ...``: the seed's workflow, command for command.
+
+yaml and dcf.config (pydantic) are imported by the commands that read
+config.yaml only: ``dcf function call`` must answer at once.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,8 @@ import time
 from pathlib import Path
 
 import click
-import yaml
 
 from dcf.cli.options import client_for, fail, gateway_option
-from dcf.config import NAME, RUNTIMES, ConfigError, load_project
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -34,6 +36,8 @@ def function() -> None:
 @click.argument("name")
 def init(runtime: str, config: str, name: str) -> None:
     """Scaffold NAME/ (handler.py, requirements.txt, Dockerfile) and add it to config.yaml."""
+    from dcf.config import NAME, RUNTIMES
+
     if runtime not in RUNTIMES:
         fail(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
     if not NAME.match(name):
@@ -54,6 +58,8 @@ def init(runtime: str, config: str, name: str) -> None:
 
 
 def _existing_functions(path: Path) -> dict:
+    import yaml
+
     if not path.exists():
         return {}
     try:
@@ -65,6 +71,8 @@ def _existing_functions(path: Path) -> dict:
 
 
 def _add_to_config(path: Path, name: str, runtime: str) -> None:
+    import yaml
+
     block = (
         f"  {name}:\n"
         f"    runtime: {runtime}\n"
@@ -129,6 +137,8 @@ def create(
     token: str | None,
 ) -> None:
     """Deploy the functions of config.yaml (or only NAMES)."""
+    from dcf.config import ConfigError, load_project
+
     try:
         project = load_project(config)
     except ConfigError as exc:
@@ -212,9 +222,15 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
     for key, value in fields:
         click.echo(f"{key + ':':<17}{value}")
     for rep in r["list"]:
+        node = rep.get("node", "local")
+        if rep.get("node_ip"):
+            node = f"{rep['node_ip']} ({node[:12]})"
         click.echo(
-            f"  {rep['id']:<28} {rep['state']:<9} pid {rep['pid']}  in flight {rep['inflight']}"
+            f"  {rep['id']:<28} {rep['state']:<9} node {node}  pid {rep['pid']}"
+            f"  in flight {rep['inflight']}  {rep.get('address') or ''}".rstrip()
         )
+        if rep.get("detail"):
+            click.echo(f"    {rep['detail']}")
     if data["failure"]:
         click.echo(f"Failure:\n{data['failure'].rstrip()}")
     if data["last_error"]:
@@ -230,7 +246,10 @@ def _call(
 ) -> None:
     body = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
     params = dict(q.split("=", 1) if "=" in q else (q, "") for q in query)
-    headers = dict(h.split(":", 1) for h in header if ":" in h)
+    malformed = [h for h in header if ":" not in h]
+    if malformed:
+        fail(f"-H {malformed[0]!r}: write a header as 'Name: value'")
+    headers = dict(h.split(":", 1) for h in header)
     with client_for(gateway, token) as client:
         response = client.invoke(
             name, body, params, {k.strip(): v.strip() for k, v in headers.items()}
@@ -315,6 +334,8 @@ def delete(
     names: tuple[str, ...], config: str | None, gateway: str | None, token: str | None
 ) -> None:
     """Remove functions and stop their replicas."""
+    from dcf.config import ConfigError, load_project
+
     targets = list(names)
     project_gateway = None
     if config:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from dcf.client import Client, GatewayError
 
@@ -27,9 +26,16 @@ def gateway_from_config(path: str | Path | None) -> str | None:
     """dcf.gateway of a config.yaml, read leniently: a broken file is reported elsewhere."""
     file = Path(path) if path else Path("config.yaml")
     try:
-        data = yaml.safe_load(file.read_text())
-        return str(data["dcf"]["gateway"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if "gateway" not in text:  # most calls: no need to load a YAML parser
+        return None
+    import yaml
+
+    try:
+        return str(yaml.safe_load(text)["dcf"]["gateway"])
+    except (yaml.YAMLError, KeyError, TypeError):
         return None
 
 

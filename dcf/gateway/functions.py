@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dcf.backends import Backend, ReplicaFailed
 from dcf.config import FunctionSpec
+from dcf.gateway.build_steps import BuildSteps
 from dcf.gateway.builder import Builder, BuildError
 from dcf.gateway.deployment import Deployment
 from dcf.gateway.logs import LogStore
@@ -45,6 +46,8 @@ class FunctionState:
     record: FunctionRecord
     live: Deployment | None = None
     deploying: asyncio.Task[None] | None = None
+    starting: Deployment | None = None
+    """The first version while its replicas start (before there is a live one)."""
     last_error: str | None = None
     retired: list[Deployment] = field(default_factory=list)
 
@@ -62,7 +65,7 @@ class FunctionState:
         live = self.live
         if live is None:
             if self.deploying is not None:
-                return "Building"
+                return "Not Ready" if self.starting is not None else "Building"
             return "Failed"
         if live.failure:
             return "Failed"
@@ -81,6 +84,7 @@ class FunctionManager:
         self.metrics = metrics
         self.registry = Registry(home / "dcf.db")
         self.builder = Builder(home / "envs")
+        self.build_steps = BuildSteps(home / "builds")
         self.code_root = home / "functions"
         self.routes: dict[str, Pool] = {}
         self.functions: dict[str, FunctionState] = {}
@@ -101,6 +105,7 @@ class FunctionManager:
         state = self.get(name)
         record, live = state.record, state.live
         spec = live.spec if live else FunctionSpec.model_validate(record.spec)
+        shown = live or state.starting
         calls = self.metrics.calls(name)
         errors = sum(n for code, n in calls.items() if code >= 500)
         return {
@@ -121,7 +126,7 @@ class FunctionManager:
                 "desired": live.desired if live else 0,
                 "ready": live.ready if live else 0,
                 "restarts": live.restarts if live else 0,
-                "list": live.replicas_info() if live else [],
+                "list": shown.replicas_info() if shown else [],
             },
             "inflight": live.pool.inflight if live else 0,
             "queued": live.pool.queued if live else 0,
@@ -224,11 +229,14 @@ class FunctionManager:
             log(f"deploying {name} version {version}")
             requirements = code_dir / "requirements.txt"
             reqs = requirements.read_text() if requirements.exists() else ""
-            _, python = await self.builder.build(reqs, log)
+            env_digest, python = await self.builder.build(reqs, log)
+            run_dir = code_dir
+            if spec.build:
+                run_dir = await self.build_steps.build(code_dir, spec, env_digest, python, log)
             deployment = Deployment(
                 spec,
                 version,
-                str(code_dir),
+                str(run_dir),
                 python,
                 self.backend,
                 lambda source, msg: self.logs.write(name, source, msg),
@@ -238,6 +246,7 @@ class FunctionManager:
             if state.live is None:
                 # Calls made while the first replica starts wait for it instead of failing.
                 self.routes[name] = deployment.pool
+                state.starting = deployment
             deployment.scale(max(spec.replicas.min, 1))
             await deployment.wait_ready()
             self._switch(state, deployment, spec)
@@ -264,6 +273,7 @@ class FunctionManager:
             raise
         finally:
             state.deploying = None
+            state.starting = None
 
     def _switch(self, state: FunctionState, deployment: Deployment, spec: FunctionSpec) -> None:
         old = state.live
@@ -287,7 +297,8 @@ class FunctionManager:
         with contextlib.suppress(ValueError):
             state.retired.remove(old)
             state.cold_starts_before += old.cold_starts
-        self._remove_code(Path(old.code_dir))
+        # The upload only: a build's directory is a cache other versions may share.
+        self._remove_code(self.code_root / state.name / f"v{old.version}")
 
     def _on_failure(self, state: FunctionState, deployment: Deployment | None, reason: str) -> None:
         if deployment is not None and deployment is state.live:
@@ -360,9 +371,11 @@ class FunctionManager:
         log = lambda message: self.logs.write(record.name, "build", message)  # noqa: E731
         try:
             reqs_file = code_dir / "requirements.txt"
-            _, python = await self.builder.build(
+            env_digest, python = await self.builder.build(
                 reqs_file.read_text() if reqs_file.exists() else "", log
             )
+            if spec.build:  # the cached build, or the same commands run again
+                code_dir = await self.build_steps.build(code_dir, spec, env_digest, python, log)
         except (BuildError, OSError) as exc:
             record.failure = f"could not restore after restart: {exc}"
             self.registry.set_failure(record.name, record.failure)
@@ -390,10 +403,14 @@ class FunctionManager:
 
     async def close(self) -> None:
         deployments = []
+        deploying = []
         for state in self.functions.values():
             if state.deploying is not None:
                 state.deploying.cancel()
+                deploying.append(state.deploying)
             deployments.extend(d for d in (state.live, *state.retired) if d is not None)
+        # A cancelled deploy kills its build commands before the gateway exits.
+        await asyncio.gather(*deploying, return_exceptions=True)
         await asyncio.gather(*(d.stop(drain=False) for d in deployments), return_exceptions=True)
         self.registry.close()
 

@@ -33,11 +33,12 @@ from dcf.runtime.server import open_server
 class Output:
     """This process's stdout and stderr, line by line, for the gateway's log.
 
-    Lines still reach Ray's own log files. At most ``LIMIT`` lines wait for the
-    gateway to collect them; older ones are dropped first.
+    Lines still reach Ray's own log files. At most ``LIMIT`` lines of at most
+    ``LINE`` bytes wait for the gateway to collect them; older ones go first.
     """
 
     LIMIT = 10_000
+    LINE = 1 << 16  # a longer line is cut into pieces of this many bytes
 
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=self.LIMIT)
@@ -59,7 +60,7 @@ class Output:
 
     def _pump(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb") as pipe:
-            for raw in pipe:
+            for raw in iter(lambda: pipe.readline(self.LINE), b""):
                 with contextlib.suppress(OSError):
                     os.write(self._copy, raw)
                 self.lines.append(raw.decode(errors="replace").rstrip("\n"))
