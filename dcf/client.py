@@ -14,6 +14,7 @@ import io
 import json
 import os
 import select
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,22 @@ def _error_message(response: Response) -> str:
 
 
 class Client:
+    """One gateway. The admin ``token`` goes to /system and /metrics only, never with a call,
+    so a handler never sees it; a function ``key`` goes with calls only."""
+
     def __init__(
-        self, gateway: str | None = None, token: str | None = None, timeout: float = 300.0
+        self,
+        gateway: str | None = None,
+        token: str | None = None,
+        timeout: float = 300.0,
+        key: str | None = None,
     ) -> None:
         self.url = gateway_url(gateway)
         self.timeout = timeout
         token = token or os.environ.get("DCF_TOKEN")
+        key = key or os.environ.get("DCF_KEY")
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._call_headers = {"x-dcf-key": key} if key else {}
         self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -161,6 +171,16 @@ class Client:
         body = {"min": min_replicas, "max": max_replicas}
         return self._request("POST", _system(name, "/scale"), json=body).json()
 
+    def create_key(self, name: str, rate: str | None = None) -> dict:
+        """A new key for ``name``: the answer holds the key itself, shown this once."""
+        return self._request("POST", _system(name, "/keys"), json={"rate": rate}).json()
+
+    def list_keys(self, name: str) -> list[dict]:
+        return self._request("GET", _system(name, "/keys")).json()
+
+    def revoke_key(self, name: str, key_id: str) -> dict:
+        return self._request("DELETE", _system(name, f"/keys/{quote(key_id, safe='')}")).json()
+
     def logs(self, name: str, tail: int = 100) -> str:
         return self._request("GET", _system(name, "/logs"), params={"tail": tail}).text
 
@@ -181,6 +201,49 @@ class Client:
         return self._request(
             "POST", f"/function/{quote(name, safe='/')}", body=body, params=query, headers=headers
         )
+
+    def invoke_async(
+        self,
+        name: str,
+        body: bytes = b"",
+        query: dict | None = None,
+        headers: dict | None = None,
+        callback_url: str | None = None,
+    ) -> str:
+        """Submit a job (stored by the gateway before it answers); returns its id.
+
+        With ``callback_url`` the gateway POSTs the answer there when the job is done.
+        """
+        headers = dict(headers or {})
+        if callback_url:
+            headers["X-Callback-Url"] = callback_url
+        response = self._request(
+            "POST",
+            f"/async-function/{quote(name, safe='/')}",
+            body=body,
+            params=query,
+            headers=headers,
+        )
+        return str(response.json()["id"])
+
+    def job(self, job_id: str) -> Response:
+        """A job's answer once done (a non-2xx one raises GatewayError, as ``invoke``), else
+        its state: 202, ``X-DCF-Job-Status: queued`` or ``running``. Gone: 410, unknown: 404."""
+        return self._request("GET", f"/async-function/jobs/{quote(job_id, safe='')}")
+
+    def wait_job(self, job_id: str, timeout: float | None = None) -> Response:
+        """Poll until the job is done (or failed, which raises GatewayError)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 0.05
+        while True:
+            response = self.job(job_id)
+            state = response.headers.get("x-dcf-job-status")
+            if state not in ("queued", "running"):
+                return response
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise GatewayError(0, f"job {job_id} is still {state} after {timeout:g}s")
+            time.sleep(interval)
+            interval = min(interval * 2, 1.0)
 
     # HTTP ------------------------------------------------------------------------
 
@@ -238,7 +301,8 @@ class Client:
     def _prepare(
         self, path: str, body: bytes, payload: Any, params: dict | None, headers: dict | None
     ) -> tuple[str, bytes, dict]:
-        headers = {**self._headers, **(headers or {})}
+        admin = path.startswith(("/system/", "/metrics"))
+        headers = {**(self._headers if admin else self._call_headers), **(headers or {})}
         if payload is not None:
             body = json.dumps(payload).encode()
             headers["content-type"] = "application/json"

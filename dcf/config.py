@@ -146,6 +146,12 @@ class FunctionSpec(Strict):
     start_timeout: float = Field(
         300.0, description="seconds a replica may take to be placed and load; then it fails"
     )
+    auth: Literal["none", "key"] = Field(
+        "none", description="key: callers must present one of its keys (dcf function keys)"
+    )
+    forward_authorization: bool = Field(
+        False, description="hand callers' Authorization header to the handler (off: stripped)"
+    )
 
     @field_validator("name")
     @classmethod

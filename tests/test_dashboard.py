@@ -453,3 +453,14 @@ def test_unreachable_gateway_shows_banner_until_back(page, tmp_path) -> None:  #
         gw.stop()
         if again is not None:
             again.stop()
+
+
+def test_environment_values_never_reach_the_page(page, gw, tmp_path) -> None:  # noqa: ANN001
+    deploy(gw, tmp_path, "secret-env", ECHO, environment={"API_SECRET": "hunter2-in-the-ui"})
+    open_dashboard(page, gw, "#/function/secret-env")
+    cell = page.locator('#config-table [data-key="environment.API_SECRET"] dd')
+    expect(cell).to_have_text("***")
+    expect(cell).to_have_attribute("title", "value hidden by the gateway")
+    page.locator("#config-raw").check()
+    expect(page.locator("#config-json")).to_contain_text('"API_SECRET": "***"')
+    assert "hunter2-in-the-ui" not in page.content()

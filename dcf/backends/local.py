@@ -2,6 +2,9 @@
 
 It needs nothing but Python. Output is piped back line by line for the logs;
 readiness comes over a pipe the moment the handler is loaded, with no polling.
+Each replica runs in a session of its own: stopping it signals its whole
+process group, and once it has exited the group is killed, so a child its
+handler forked never outlives it, nor keeps its pipes and socket open.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import subprocess
 from collections import Counter
 
 from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
+from dcf.backends.environment import clean_environment
 
-# Settings of the gateway itself must not leak into functions.
-_PRIVATE_ENV = ("DCF_TOKEN", "DCF_HOME", "DCF_GATEWAY")
+DRAIN_TIMEOUT = 1.0
+"""Seconds the last output of a replica that exited is waited for."""
 
 
 def _visible_gpus() -> list[str]:
@@ -60,9 +64,19 @@ class LocalReplica:
         self._pumps = pumps
         self._gpus = release
         self._backend = backend
+        self._ended: asyncio.Future[str] | None = None
 
     async def ready(self) -> None:
-        line = await self._status.readline()
+        # Whichever comes first: its report, or its exit (a child it forked while loading
+        # may hold the report pipe open, so the pipe's end says nothing).
+        report = asyncio.ensure_future(self._status.readline())
+        ended = asyncio.ensure_future(self.exited())
+        await asyncio.wait({report, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if not report.done():  # it exited: its last report is in the pipe already, if any
+            await asyncio.wait({report}, timeout=DRAIN_TIMEOUT)
+            report.cancel()
+        line = report.result() if report.done() and not report.cancelled() else b""
         message = json.loads(line) if line.strip() else {}
         if message.get("ready"):
             return
@@ -72,9 +86,22 @@ class LocalReplica:
         raise ReplicaFailed(f"replica {self.id} {reason} before it was ready")
 
     async def exited(self) -> str:
+        """The replica's end, known from its exit status (never from its pipes or socket,
+        which a child it forked may hold open long after it died)."""
+        if self._ended is None:
+            self._ended = asyncio.ensure_future(self._watch())
+        return await asyncio.shield(self._ended)
+
+    async def _watch(self) -> str:
         code = await self._proc.wait()
-        # Drain the output so the last lines (often the reason) reach the log.
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        # Whatever it started goes with it: it runs in a session of its own, so its
+        # process group holds its children, which would keep its pipe and socket open.
+        self._kill_group(signal.SIGKILL)
+        # Drain the output so the last lines (often the reason) reach the log, but only
+        # briefly: a child that escaped the group may hold the pipe open forever.
+        _, pending = await asyncio.wait(self._pumps, timeout=DRAIN_TIMEOUT)
+        for pump in pending:
+            pump.cancel()
         self._backend._release(self._gpus)
         self._gpus = []
         with contextlib.suppress(FileNotFoundError):
@@ -83,18 +110,21 @@ class LocalReplica:
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
+    def _kill_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
     def where(self) -> dict[str, str]:
         return {"node": "local"}
 
     async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to the replica and what it started, SIGKILL after ``grace`` seconds."""
         if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.terminate()
+            self._kill_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self._proc.wait(), grace)
+                await asyncio.wait_for(asyncio.shield(self.exited()), grace)
             except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
+                self._kill_group(signal.SIGKILL)
         await self.exited()
 
 
@@ -128,8 +158,8 @@ class LocalBackend:
     async def start(self, spec: ReplicaSpec, log: LogSink) -> LocalReplica:
         gpus = self._claim(spec.gpu, spec.function) if spec.gpu else []
         address = os.path.join(self._run_dir, f"{spec.replica_id}.sock")
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
-        env.update(spec.environment)
+        # Not the gateway's environment: the basics, the function's own, then ours.
+        env = clean_environment(spec.environment)
         env.update(
             HANDLER_DIR=spec.code_dir,
             HANDLER_FILE=spec.handler_file,
@@ -139,12 +169,13 @@ class LocalBackend:
             DCF_VERSION=str(spec.version),
             DCF_REPLICA=spec.replica_id,
             DCF_CONCURRENCY=str(spec.concurrency),
-            DCF_PARENT_PID=str(os.getpid()),
             PYTHONUNBUFFERED="1",
         )
         if self._gpus:
             # A CPU function must not take memory on a GPU another function was given.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        elif "CUDA_VISIBLE_DEVICES" in os.environ:  # the gateway's own choice of devices
+            env.setdefault("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
         if spec.memory_limit:
             env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()

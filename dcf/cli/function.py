@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from dcf.cli.options import client_for, fail, gateway_option
+from dcf.cli.keys import keys
+from dcf.cli.options import client_for, fail, gateway_option, write_answer
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -28,6 +29,9 @@ def config_option(help: str):  # noqa: A002, ANN201 - click's own word
 @click.group()
 def function() -> None:
     """Create, call and manage functions."""
+
+
+function.add_command(keys)
 
 
 @function.command()
@@ -219,6 +223,13 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
         ),
         ("Restarts", r["restarts"]),
     ]
+    if r.get("last_restart"):
+        fields.append(("Last restart", r["last_restart"]))
+    spec = data.get("spec") or {}
+    if spec.get("auth") == "key":
+        fields.append(("Auth", "key (callers need one: dcf function keys)"))
+    if spec.get("environment"):  # names only: the gateway never shows the values
+        fields.append(("Environment", ", ".join(spec["environment"]) + " (values hidden)"))
     for key, value in fields:
         click.echo(f"{key + ':':<17}{value}")
     for rep in r["list"]:
@@ -241,6 +252,8 @@ def _call(
     name: str,
     query: tuple[str, ...],
     header: tuple[str, ...],
+    is_async: bool,
+    key: str | None,
     gateway: str | None,
     token: str | None,
 ) -> None:
@@ -249,22 +262,31 @@ def _call(
     malformed = [h for h in header if ":" not in h]
     if malformed:
         fail(f"-H {malformed[0]!r}: write a header as 'Name: value'")
-    headers = dict(h.split(":", 1) for h in header)
-    with client_for(gateway, token) as client:
-        response = client.invoke(
-            name, body, params, {k.strip(): v.strip() for k, v in headers.items()}
-        )
-    out = response.content
-    sys.stdout.buffer.write(out)
-    if out and not out.endswith(b"\n") and sys.stdout.isatty():
-        sys.stdout.buffer.write(b"\n")
-    sys.stdout.flush()
+    headers = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in header)}
+    with client_for(gateway, token, key=key) as client:
+        if is_async:
+            click.echo(client.invoke_async(name, body, params, headers))
+            return
+        response = client.invoke(name, body, params, headers)
+    write_answer(response.content)
 
 
 _call_options = [
     click.argument("name"),
     click.option("-q", "--query", multiple=True, help="Query parameter KEY=VALUE (repeatable)."),
     click.option("-H", "--header", multiple=True, help="Header 'Name: value' (repeatable)."),
+    click.option(
+        "--async",
+        "is_async",
+        is_flag=True,
+        help="Run it as a job: print the job's id (dcf job get ID [--wait]). "
+        "-H 'X-Callback-Url: URL' has the answer POSTed there.",
+    ),
+    click.option(
+        "--key",
+        envvar="DCF_KEY",
+        help="A key of the function, for functions with auth: key (dcf function keys).",
+    ),
     gateway_option,
 ]
 

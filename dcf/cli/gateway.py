@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from dcf.cli.limit_options import with_limits
+
+if TYPE_CHECKING:
+    from dcf.gateway.jobs import JobSettings
+    from dcf.gateway.limits import Limits
 
 
 @click.group()
@@ -33,7 +40,15 @@ def gateway() -> None:
 @click.option(
     "--ray-namespace", default="dcf", show_default=True, help="Ray namespace of the replicas."
 )
-@click.option("--token", envvar="DCF_TOKEN", help="Require this bearer token for /system calls.")
+@click.option(
+    "--token", envvar="DCF_TOKEN", help="Require this bearer token for /system and /metrics."
+)
+@click.option(
+    "--token-fd",
+    type=int,
+    hidden=True,
+    help="Read the token from this pipe (how the gateway hands it to itself: handoff.py).",
+)
 @click.option(
     "--home",
     envvar="DCF_HOME",
@@ -48,21 +63,62 @@ def gateway() -> None:
     type=int,
     help="Largest request body in bytes (413 above).",
 )
+@click.option(
+    "--callback-allow",
+    default=None,
+    show_default="127.0.0.0/8,::1,localhost",
+    help="Where X-Callback-Url may point (an SSRF guard): networks (CIDR) and host names.",
+)
+@click.option("--job-ttl", default="24h", show_default=True, help="How long job results are kept.")
+@click.option(
+    "--job-result-max",
+    default="32Mi",
+    show_default=True,
+    help="Largest answer kept for a job (larger: the job fails, 507).",
+)
+@click.option(
+    "--job-max", default=10_000, show_default=True, type=int, help="Jobs stored before 429."
+)
+@click.option(
+    "--job-max-bytes",
+    default="2Gi",
+    show_default=True,
+    help="Bytes of job bodies and results on disk before 429.",
+)
+@with_limits
+@click.pass_context
 def start(
+    ctx: click.Context,
     host: str,
     port: int,
     backend: str,
     ray_address: str,
     ray_namespace: str,
     token: str | None,
+    token_fd: int | None,
     home: str,
     max_body: int | None,
+    callback_allow: str | None,
+    job_ttl: str,
+    job_result_max: str,
+    job_max: int,
+    job_max_bytes: str,
+    limits: Limits,
 ) -> None:
     """Start the gateway in the foreground."""
+    from dcf.cli import handoff
+
+    if token == "":
+        raise click.BadParameter("must not be empty", param_hint="--token")
+    if token_fd is not None:
+        token = handoff.receive(token_fd)
+    elif token is not None:  # out of our argv and environ, where replicas could read it
+        handoff.reexec_without(ctx, "token", "DCF_TOKEN", "--token-fd")
     import uvicorn
 
     from dcf.gateway.app import DEFAULT_MAX_BODY, Settings, create_app
 
+    jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes)
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
     try:
         settings = Settings(
@@ -72,6 +128,8 @@ def start(
             max_body=DEFAULT_MAX_BODY if max_body is None else max_body,
             ray_address=ray_address,
             ray_namespace=ray_namespace,
+            jobs=jobs,
+            limits=limits,
         )
         app = create_app(settings)
     except ValueError as exc:  # a backend that cannot start here: say why in one line
@@ -88,4 +146,33 @@ def start(
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+    )
+
+
+def _job_settings(
+    allow: str | None, ttl: str, result_max: str, most: int, max_bytes: str
+) -> JobSettings:
+    """The job store's limits from the flags, or a one-line usage error naming the flag."""
+    from dcf.config import parse_duration, parse_memory
+    from dcf.gateway.callbacks import AllowList
+    from dcf.gateway.jobs import JobSettings
+
+    def parse(flag: str, parser, value: str):  # noqa: ANN001, ANN202
+        try:
+            return parser(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=flag) from None
+
+    entries = JobSettings.callback_allow
+    if allow is not None:
+        entries = tuple(e.strip() for e in allow.split(",") if e.strip())
+        parse("--callback-allow", AllowList, entries)
+    if most < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--job-max")
+    return JobSettings(
+        ttl=parse("--job-ttl", parse_duration, ttl),
+        result_max=parse("--job-result-max", parse_memory, result_max),
+        max_jobs=most,
+        max_bytes=parse("--job-max-bytes", parse_memory, max_bytes),
+        callback_allow=entries,
     )

@@ -9,6 +9,7 @@ import click
 from dcf import __version__
 from dcf.cli.function import function
 from dcf.cli.gateway import gateway
+from dcf.cli.job import job
 from dcf.cli.options import client_for, gateway_option
 from dcf.client import GatewayError
 
@@ -35,6 +36,7 @@ def runtime_list(gateway: str | None, token: str | None) -> None:
 
 cli.add_command(function)
 cli.add_command(gateway)
+cli.add_command(job)
 
 
 def main() -> None:

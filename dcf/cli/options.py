@@ -41,10 +41,13 @@ def gateway_from_config(path: str | Path | None) -> str | None:
 
 @contextlib.contextmanager
 def client_for(
-    gateway: str | None, token: str | None, config: str | Path | None = None
+    gateway: str | None,
+    token: str | None,
+    config: str | Path | None = None,
+    key: str | None = None,
 ) -> Iterator[Client]:
     """A client, with any gateway error turned into one line on stderr and exit 1."""
-    client = Client(gateway or gateway_from_config(config), token)
+    client = Client(gateway or gateway_from_config(config), token, key=key)
     try:
         yield client
     except GatewayError as exc:
@@ -57,3 +60,11 @@ def client_for(
 def fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
+
+
+def write_answer(content: bytes) -> None:
+    """An answer byte for byte; on a terminal, ended with a newline if it lacks one."""
+    sys.stdout.buffer.write(content)
+    if content and not content.endswith(b"\n") and sys.stdout.isatty():
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()

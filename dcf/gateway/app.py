@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import tempfile
+import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -19,12 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcf import __version__
 from dcf.backends import create_backend
+from dcf.gateway.admission import Admission, deploy_body_limit
 from dcf.gateway.api import build_router
 from dcf.gateway.autoscaler import Autoscaler
+from dcf.gateway.body_timeout import BodyClock
 from dcf.gateway.functions import FunctionError, FunctionManager
 from dcf.gateway.invoke import ASYNC_PREFIX, PREFIX, Invoke
+from dcf.gateway.jobs import Jobs, JobSettings
+from dcf.gateway.keys import Guard
+from dcf.gateway.keys_api import build_keys_router
+from dcf.gateway.limits import Limits
 from dcf.gateway.logs import LogStore
 from dcf.gateway.metrics import Metrics
+from dcf.gateway.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 32 << 20
@@ -50,6 +57,8 @@ class Settings:
     flush_interval: float = 5.0
     ray_address: str | None = "auto"
     ray_namespace: str = "dcf"
+    jobs: JobSettings = field(default_factory=JobSettings)
+    limits: Limits = field(default_factory=Limits)
 
 
 class Gateway:
@@ -57,17 +66,37 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.home)
         self.metrics = Metrics()
-        self.logs = LogStore(settings.home / "logs")
-        run_dir = tempfile.mkdtemp(prefix="dcf-")
+        self.logs = LogStore(settings.home / "logs", follow_buffer=settings.limits.follow_buffer)
+        self.run_dir = RunDir()  # and the run dirs of gateways that were killed, removed
         self.backend = create_backend(
-            settings.backend, run_dir, settings.ray_address, settings.ray_namespace
+            settings.backend, self.run_dir.path, settings.ray_address, settings.ray_namespace
         )
-        self.manager = FunctionManager(settings.home, self.backend, self.logs, self.metrics)
+        self.manager = FunctionManager(
+            settings.home, self.backend, self.logs, self.metrics, settings.limits
+        )
+        self.body_clock = BodyClock(settings.limits.body_timeout)
         self.metrics.add_state_collector(self.manager.snapshot)
-        self.invoke = Invoke(self.manager.routes, self.metrics, settings.max_body)
+        self.guard = Guard(self.manager.registry)
+        self.manager.on_spec = self.guard.set_policy
+        self.jobs = Jobs(
+            settings.home, self.manager, self.metrics, settings.max_body, settings.jobs
+        )
+        self.invoke = Invoke(
+            self.manager.routes,
+            self.metrics,
+            settings.max_body,
+            self.body_clock.guard(self.jobs),
+            guard=self.guard,
+            body_clock=self.body_clock,
+        )
         self.api = self._build_api()
+        # The token, then the body limit, before FastAPI reads a byte (admission.py).
+        deploy_body = deploy_body_limit(settings.limits.max_upload, settings.max_body)
+        self.admitted = Admission(self.api, settings.token, deploy_body)
+        # Bodies must arrive within --body-timeout (body_timeout.py).
+        self.admitted = self.body_clock.guard(self.admitted)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
@@ -76,11 +105,12 @@ class Gateway:
             if path.startswith(PREFIX) or path.startswith(ASYNC_PREFIX):
                 await self.invoke(scope, receive, send)
                 return
-        await self.api(scope, receive, send)
+        await self.admitted(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         await self.manager.restore()
+        await self.jobs.start()
         freeze_heap()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -93,8 +123,10 @@ class Gateway:
             for task in self._tasks:
                 task.cancel()
             self.manager.flush()
+            await self.jobs.close()  # first: jobs in flight must not fail with their replicas
             await self.manager.close()
             await self.backend.close()
+            self.run_dir.close()
             self.logs.close()
 
     async def _flush_forever(self) -> None:
@@ -111,6 +143,7 @@ class Gateway:
             lifespan=self.lifespan,
         )
         api.include_router(build_router(self.manager, self.settings.token, self.settings.backend))
+        api.include_router(build_keys_router(self.manager, self.guard, self.settings.token))
 
         @api.exception_handler(FunctionError)
         async def function_error(request: Request, exc: FunctionError) -> JSONResponse:
@@ -164,6 +197,13 @@ class Gateway:
                 return RedirectResponse("/ui/")
 
         return api
+
+
+def private_dir(path: Path) -> None:
+    """The state directory, readable by its owner only (0700): it holds code, logs, secrets."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
 
 
 def create_app(settings: Settings) -> Gateway:

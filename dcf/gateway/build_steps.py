@@ -30,14 +30,13 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from dcf.backends.environment import clean_environment
 from dcf.config import FunctionSpec
 from dcf.gateway.builder import BuildError
 
 Log = Callable[[str], None]
 TAIL_LINES = 20
 MAX_LINE = 8192
-# Settings of the gateway itself must not leak into functions (as for replicas).
-_PRIVATE_ENV = ("DCF_TOKEN", "DCF_HOME", "DCF_GATEWAY")
 
 
 class BuildSteps:
@@ -134,8 +133,11 @@ def tree_hash(directory: Path) -> str:
 
 
 def environment(python: str, extra: dict[str, str]) -> dict[str, str]:
-    """The function's environment: its interpreter first on PATH, its ``environment`` set."""
-    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    """The function's environment: its interpreter first on PATH, its ``environment`` set.
+
+    Not the gateway's: as for replicas, the basics only (dcf.backends.environment).
+    """
+    env = clean_environment({})
     env.pop("PYTHONHOME", None)
     bin_dir = Path(python).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', os.defpath)}"

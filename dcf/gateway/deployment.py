@@ -1,9 +1,11 @@
 """One version of a function, running: its replicas and the pool that routes to them.
 
 It keeps ``desired`` replicas alive: starts missing ones, restarts one that
-dies (with backoff), and retires extra ones only after their calls finish.
-A replica that cannot start (the handler fails to import, say) fails the
-deployment with the reason instead of looping.
+dies (with backoff, reset once a replica has served for ``healthy_after``
+seconds), replaces one that stops answering (the pool's liveness check), and
+retires extra ones only after their calls finish. A replica that cannot start
+(the handler fails to import, say) fails the deployment with the reason
+instead of looping.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from pathlib import Path
 from dcf.backends import Backend, Replica, ReplicaFailed, ReplicaSpec
 from dcf.config import FunctionSpec
 from dcf.gateway.builder import normalise
+from dcf.gateway.limits import Limits
 from dcf.gateway.router import Pool, ReplicaLink
 
 Log = Callable[[str, str], None]
 """(source, message) → the function's log."""
 
 RESTART_BACKOFF = 0.5
-"""Seconds before the first restart of a replica that died; doubles up to 30 s."""
-HEALTHY_AFTER = 30.0
-"""Seconds of serving after which a replica's next death restarts at the first backoff."""
+"""Seconds before the first restart of a replica that died; doubles up to 30 s, and starts
+again from here once a replica has served for ``Limits.healthy_after`` seconds."""
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Member:
     link: ReplicaLink | None = None
     retiring: bool = False
     started_at: float = field(default_factory=time.time)
+    why: str | None = None
+    """Why the gateway ended its replica (it stopped answering, its connection dropped)."""
 
 
 class Deployment:
@@ -50,7 +54,9 @@ class Deployment:
         python: str,
         backend: Backend,
         log: Log,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.spec = spec
         self.version = version
         self.code_dir = code_dir
@@ -58,11 +64,13 @@ class Deployment:
         self.requirements = tuple(normalise(_read(Path(code_dir) / "requirements.txt")))
         self.backend = backend
         self.log = log
-        self.pool = Pool(spec.name, spec.max_queue, spec.timeout)
+        self.pool = Pool(spec.name, spec.max_queue, spec.timeout, self.limits.unresponsive_after)
         self.members: dict[str, Member] = {}
         self.desired = 0
         self.failure: str | None = None
         self.restarts = 0
+        self.last_restart: str | None = None
+        """Why the last replica was restarted, for ``info``."""
         self.cold_starts = 0
         self.stopping = False
         self._ids = itertools.count(1)
@@ -187,6 +195,7 @@ class Deployment:
                     member.id, replica.address, self.spec.concurrency, replica.secret
                 )
                 link.on_lost = functools.partial(self._lost, member, link)
+                link.on_unresponsive = functools.partial(self._unresponsive, member, link)
                 self.cold_starts += 1
                 where = replica.where()
                 node = where.get("node_ip") or where["node"]
@@ -206,9 +215,12 @@ class Deployment:
                 if self.stopping or member.retiring:
                     return
                 self.restarts += 1
-                if time.monotonic() - serving > HEALTHY_AFTER:
+                if time.monotonic() - serving >= self.limits.healthy_after:
                     backoff = RESTART_BACKOFF  # it had recovered: a new crash starts afresh
-                self.log("gateway", f"replica {member.id} {reason}; restarting in {backoff:g}s")
+                why = member.why or reason
+                member.why = None
+                self.last_restart = f"replica {member.id} {why}"
+                self.log("gateway", f"replica {member.id} {why}; restarting in {backoff:g}s")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         finally:
@@ -219,6 +231,17 @@ class Deployment:
         self.pool.remove(link)
         if member.replica is not None and not (self.stopping or member.retiring):
             self.log("gateway", f"lost the connection to replica {member.id}; replacing it")
+            member.why = member.why or "lost its connection to the gateway"
+            asyncio.get_running_loop().create_task(member.replica.stop(grace=1.0))
+
+    def _unresponsive(self, member: Member, link: ReplicaLink, why: str) -> None:
+        """The replica stopped answering: its calls fail, and a new one takes its place."""
+        if member.link is not link or self.stopping or member.retiring:
+            return
+        member.why = f"answered nothing: {why}; replaced"
+        self.log("gateway", f"replica {member.id} {member.why}")
+        self.pool.remove(link)  # the calls still on it fail now (502)
+        if member.replica is not None:
             asyncio.get_running_loop().create_task(member.replica.stop(grace=1.0))
 
     def _fail(self, member: Member, reason: str) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
+import os
 import shutil
-import tarfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +20,17 @@ from pathlib import Path
 from dcf.backends import Backend, ReplicaFailed
 from dcf.config import FunctionSpec
 from dcf.gateway.build_steps import BuildSteps
-from dcf.gateway.builder import Builder, BuildError
+from dcf.gateway.builder import Builder, BuildError, RequirementsError, check_requirements
 from dcf.gateway.deployment import Deployment
+from dcf.gateway.limits import Limits
 from dcf.gateway.logs import LogStore
 from dcf.gateway.metrics import Metrics
 from dcf.gateway.registry import FunctionRecord, Registry
 from dcf.gateway.router import Pool
+from dcf.gateway.unpack import ArchiveRefused, unpack
 
 Progress = Callable[[str], None]
-MAX_ARCHIVE_FILES = 10_000
+REDACTED = "***"
 
 
 class FunctionError(Exception):
@@ -77,17 +79,31 @@ class FunctionState:
 
 
 class FunctionManager:
-    def __init__(self, home: Path, backend: Backend, logs: LogStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        home: Path,
+        backend: Backend,
+        logs: LogStore,
+        metrics: Metrics,
+        limits: Limits | None = None,
+    ) -> None:
         self.home = home
         self.backend = backend
         self.logs = logs
         self.metrics = metrics
+        self.limits = limits or Limits()
         self.registry = Registry(home / "dcf.db")
-        self.builder = Builder(home / "envs")
+        self.builder = Builder(home / "envs", self.limits.install_timeout)
         self.build_steps = BuildSteps(home / "builds")
         self.code_root = home / "functions"
         self.routes: dict[str, Pool] = {}
         self.functions: dict[str, FunctionState] = {}
+        self._unpacking: set[str] = set()
+        """Names whose upload is being unpacked (a second deploy of one is refused)."""
+        _remove_trash(self.code_root)
+        # Told the spec that governs calls to a function (None once it is gone), before
+        # any call can reach it: the gateway's function keys (keys.py) listen here.
+        self.on_spec: Callable[[str, FunctionSpec | None], None] = lambda _name, _spec: None
 
     # reading ----------------------------------------------------------------
 
@@ -126,6 +142,7 @@ class FunctionManager:
                 "desired": live.desired if live else 0,
                 "ready": live.ready if live else 0,
                 "restarts": live.restarts if live else 0,
+                "last_restart": live.last_restart if live else None,
                 "list": shown.replicas_info() if shown else [],
             },
             "inflight": live.pool.inflight if live else 0,
@@ -133,7 +150,7 @@ class FunctionManager:
             "failure": (live.failure if live else None) or record.failure,
             "last_error": state.last_error,
             "updating": state.deploying is not None and live is not None,
-            "spec": spec.model_dump(mode="json"),
+            "spec": redacted(spec),
             "created_at": record.created_at,
             "updated_at": record.updated_at,
         }
@@ -188,12 +205,20 @@ class FunctionManager:
             raise FunctionError(
                 409, f"function {name!r} already exists; use --update (PUT) to replace it"
             )
-        if state is not None and state.deploying is not None:
+        if (state is not None and state.deploying is not None) or name in self._unpacking:
             raise FunctionError(409, f"a deploy of {name!r} is already in progress")
         code_hash = hashlib.sha256(archive).hexdigest()[:16]
         version = self.registry.next_version(name)
         code_dir = self.code_root / name / f"v{version}"
-        _unpack(archive, code_dir, spec)
+        self._unpacking.add(name)
+        try:
+            # Off the event loop: a large upload must not stall every other call.
+            await asyncio.to_thread(self._unpack, archive, code_dir, spec)
+        finally:
+            self._unpacking.discard(name)
+        if not code_dir.is_dir():
+            raise FunctionError(409, f"function {name!r} was deleted during this deploy")
+        state = self.functions.get(name)  # it may have been deleted meanwhile
         self.registry.add_version(name, version, spec.model_dump(mode="json"), code_hash)
         if state is None:
             self.registry.insert(
@@ -202,6 +227,7 @@ class FunctionManager:
             record = self.registry.get(name)
             assert record is not None
             state = self.functions[name] = FunctionState(name, record)
+            self.on_spec(name, spec)
             self.routes[name] = _unavailable(spec, "it is still being built")
         state.last_error = None
         task = asyncio.get_running_loop().create_task(
@@ -240,6 +266,7 @@ class FunctionManager:
                 python,
                 self.backend,
                 lambda source, msg: self.logs.write(name, source, msg),
+                self.limits,
             )
             deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
             deployment.pool.on_batch = self.metrics.batch_observer(name)
@@ -279,6 +306,7 @@ class FunctionManager:
         old = state.live
         min_r, max_r = spec.replicas.min, spec.replicas.max or 1
         state.live = deployment
+        self.on_spec(state.name, spec)
         self.routes[state.name] = deployment.pool
         deployment.pool.on_demand = lambda: self._on_demand(state)
         self.registry.set_live(
@@ -313,21 +341,38 @@ class FunctionManager:
             live.scale(1)
 
     async def delete(self, name: str) -> None:
+        """Remove a function. Routing, memory, the registry and its code directory forget
+        it in one step, before anything is awaited, so the name can be created again at
+        once and no caller ever sees it half deleted; then its build and replicas stop."""
         state = self.get(name)
-        if state.deploying is not None:
-            state.deploying.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await state.deploying
         self.routes.pop(name, None)
         self.functions.pop(name, None)
-        stopping = [d for d in (state.live, *state.retired) if d is not None]
+        self.on_spec(name, None)
+        self.registry.delete(name)
+        trash = self._trash(name)
+        stopping = [d for d in (state.live, *state.retired, state.starting) if d is not None]
         for deployment in stopping:
             deployment.pool.reject_waiting(404, f"function {name!r} was deleted")
-        await asyncio.gather(*(d.stop(drain=False) for d in stopping), return_exceptions=True)
-        self.registry.delete(name)
-        self.metrics.forget(name)
-        self.logs.remove(name)
-        shutil.rmtree(self.code_root / name, ignore_errors=True)
+        waits = [d.stop(drain=False) for d in stopping]
+        if state.deploying is not None:
+            state.deploying.cancel()  # kills its installer or build commands
+            waits.append(state.deploying)
+        await asyncio.gather(*waits, return_exceptions=True)
+        if name not in self.functions and name not in self._unpacking:  # not created anew
+            self.metrics.forget(name)
+            self.logs.remove(name)
+        if trash is not None:
+            await asyncio.to_thread(shutil.rmtree, trash, True)
+
+    def _trash(self, name: str) -> Path | None:
+        """Move a deleted function's code out of the way of a new one of the same name."""
+        code = self.code_root / name
+        trash = self.code_root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(code, trash)
+        except FileNotFoundError:
+            return None
+        return trash
 
     def scale(self, name: str, min_replicas: int | None, max_replicas: int | None) -> dict:
         state = self.get(name)
@@ -353,6 +398,7 @@ class FunctionManager:
         tasks = []
         for record in self.registry.all():
             state = self.functions[record.name] = FunctionState(record.name, record)
+            self.on_spec(record.name, FunctionSpec.model_validate(record.spec))
             if record.version == 0:
                 self.routes[record.name] = _unavailable(
                     FunctionSpec.model_validate(record.spec), "the function failed to start"
@@ -387,6 +433,7 @@ class FunctionManager:
             python,
             self.backend,
             lambda source, msg: self.logs.write(record.name, source, msg),
+            self.limits,
         )
         deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
         state.live = deployment
@@ -414,8 +461,34 @@ class FunctionManager:
         await asyncio.gather(*(d.stop(drain=False) for d in deployments), return_exceptions=True)
         self.registry.close()
 
+    def _unpack(self, archive: bytes, code_dir: Path, spec: FunctionSpec) -> None:
+        """The upload into ``code_dir``, checked; FunctionError (nothing left) otherwise."""
+        try:
+            unpack(archive, code_dir, spec.handler.file, self.limits)
+            requirements = code_dir / "requirements.txt"
+            if requirements.is_file():
+                try:
+                    check_requirements(requirements.read_text())
+                except UnicodeDecodeError:
+                    raise RequirementsError("requirements.txt is not UTF-8 text") from None
+        except ArchiveRefused as exc:
+            self._remove_code(code_dir)
+            raise FunctionError(exc.status, f"function {spec.name!r}: {exc.message}") from None
+        except RequirementsError as exc:
+            self._remove_code(code_dir)
+            raise FunctionError(400, f"function {spec.name!r}: {exc}") from None
+
     def _remove_code(self, code_dir: Path) -> None:
         shutil.rmtree(code_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the function's directory, once it is empty
+            code_dir.parent.rmdir()
+
+
+def redacted(spec: FunctionSpec) -> dict:
+    """A spec as the API shows it: ``environment`` names, never their values (secrets)."""
+    shown = spec.model_dump(mode="json")
+    shown["environment"] = {key: REDACTED for key in spec.environment}
+    return shown
 
 
 def _unavailable(spec: FunctionSpec, why: str) -> Pool:
@@ -425,21 +498,8 @@ def _unavailable(spec: FunctionSpec, why: str) -> Pool:
     return pool
 
 
-def _unpack(archive: bytes, target: Path, spec: FunctionSpec) -> None:
-    """Extract the uploaded tar.gz safely; refuse one without the handler file."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_ARCHIVE_FILES:
-                raise FunctionError(400, f"code archive has more than {MAX_ARCHIVE_FILES} files")
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        shutil.rmtree(target, ignore_errors=True)
-        raise FunctionError(400, f"code archive is not a valid tar.gz: {exc}") from None
-    if not (target / spec.handler.file).is_file():
-        shutil.rmtree(target, ignore_errors=True)
-        raise FunctionError(
-            400, f"function {spec.name!r}: handler file {spec.handler.file!r} is not in the upload"
-        )
+def _remove_trash(code_root: Path) -> None:
+    """Code of functions whose delete a stopped gateway did not finish removing."""
+    if code_root.is_dir():
+        for trash in code_root.glob(".deleted-*"):
+            shutil.rmtree(trash, ignore_errors=True)

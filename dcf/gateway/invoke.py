@@ -7,14 +7,17 @@ the answer. Everything the gateway answers itself is JSON naming the function.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-import uuid
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from dcf.gateway.body_timeout import BodyClock, BodyTimeout, BodyTooLarge, read_all
 from dcf.gateway.metrics import Metrics
 from dcf.gateway.router import CallError, Pool, Result
+
+if TYPE_CHECKING:
+    from dcf.gateway.keys import Guard
 
 PREFIX = "/function/"
 ASYNC_PREFIX = "/async-function/"
@@ -45,27 +48,12 @@ def response_headers(headers: list[tuple[str, str]], body: bytes) -> list[tuple[
     return raw
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(receive, limit: int) -> bytes:  # noqa: ANN001 - ASGI callable
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise BodyTooLarge
-        return body
-    chunks = [body]
-    size = len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(receive, limit: int, clock: BodyClock | None = None) -> bytes:  # noqa: ANN001
+    """The whole body; BodyTooLarge past ``limit`` bytes, BodyTimeout past ``clock``'s
+    deadline."""
+    if clock is None:
+        return await read_all(receive, limit)
+    return await clock.read(receive, limit)
 
 
 async def send_json(send, status: int, payload: dict, extra: list | None = None) -> None:  # noqa: ANN001
@@ -75,22 +63,38 @@ async def send_json(send, status: int, payload: dict, extra: list | None = None)
     await send({"type": "http.response.body", "body": body})
 
 
+ASGIApp = Callable[..., Awaitable[None]]
+
+
 class Invoke:
-    """Calls a function synchronously, or as a job (``/async-function/``)."""
+    """Calls a function synchronously; ``/async-function/`` goes to ``jobs`` (jobs.py)."""
 
     def __init__(
-        self, routes: dict[str, Pool], metrics: Metrics, max_body: int, max_jobs: int = 1000
+        self,
+        routes: dict[str, Pool],
+        metrics: Metrics,
+        max_body: int,
+        jobs: ASGIApp,
+        *,
+        guard: Guard,
+        body_clock: BodyClock | None = None,
     ) -> None:
+        self.body_clock = body_clock
         self.routes = routes
+        self.guard = guard
         self.metrics = metrics
         self.max_body = max_body
-        self.jobs: OrderedDict[str, dict] = OrderedDict()
-        self.max_jobs = max_jobs
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        # Function keys, and credentials out of the headers, for every path (keys.py).
+        refused = self.guard.admit(scope)
+        if refused is not None:
+            await send_json(send, *refused)
+            return
         path: str = scope["path"]
         if path.startswith(ASYNC_PREFIX):
-            await self._async(scope, receive, send, path[len(ASYNC_PREFIX) :])
+            await self.jobs(scope, receive, send)
             return
         name, _, rest = path[len(PREFIX) :].partition("/")
         start = time.perf_counter()
@@ -100,6 +104,8 @@ class Invoke:
             if exc.status != 404:
                 self.metrics.observe(name, exc.status, time.perf_counter() - start)
             extra = [(b"retry-after", str(exc.retry_after).encode())] if exc.retry_after else None
+            if exc.status == 408:  # the rest of the body is not read: the connection ends
+                extra = [(b"connection", b"close")]
             await send_json(send, exc.status, {"error": exc.message, "function": name}, extra)
             return
         self.metrics.observe(name, status, time.perf_counter() - start)
@@ -125,74 +131,13 @@ class Invoke:
             if k not in _DROP:
                 headers.append((k, value.decode("latin-1")))
         try:
-            body = await read_body(receive, self.max_body)
+            body = await read_body(receive, self.max_body, self.body_clock)
         except BodyTooLarge:
             raise CallError(413, self._too_large()) from None
+        except BodyTimeout:
+            raise CallError(408, self.body_clock.message()) from None  # type: ignore[union-attr]
         query = scope["query_string"].decode("latin-1")
         return await pool.call(scope["method"], path, query, headers, body)
 
     def _too_large(self) -> str:
         return f"request body is larger than the gateway's limit of {self.max_body} bytes"
-
-    # jobs ---------------------------------------------------------------------
-
-    async def _async(self, scope, receive, send, rest: str) -> None:  # noqa: ANN001
-        if rest.startswith("jobs/") and scope["method"] == "GET":
-            job = self.jobs.get(rest[len("jobs/") :])
-            if job is None:
-                await send_json(send, 404, {"error": f"no job {rest[5:]!r}", "function": None})
-            elif job["status"] != "done":
-                await send_json(send, 202, {k: job[k] for k in ("id", "function", "status")})
-            else:
-                status, headers, body = job["result"]
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [
-                            *response_headers(headers, body),
-                            (b"x-dcf-job-status", b"done"),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-            return
-        name, _, sub = rest.partition("/")
-        job_id = uuid.uuid4().hex
-        job = {"id": job_id, "function": name, "status": "running"}
-        try:
-            if name not in self.routes:
-                self.metrics.unknown.inc()
-                raise CallError(404, f"no function named {name!r}")
-            # Read the body now: the request ends when the 202 is sent.
-            body = await read_body(receive, self.max_body)
-        except BodyTooLarge:
-            await send_json(send, 413, {"error": self._too_large(), "function": name})
-            return
-        except CallError as exc:
-            await send_json(send, exc.status, {"error": exc.message, "function": name})
-            return
-        replay = _replay(body)
-        self.jobs[job_id] = job
-        while len(self.jobs) > self.max_jobs:
-            self.jobs.popitem(last=False)
-        asyncio.get_running_loop().create_task(self._run_job(job, name, "/" + sub, scope, replay))
-        await send_json(send, 202, {"id": job_id, "function": name, "status": "running"})
-
-    async def _run_job(self, job: dict, name: str, path: str, scope, receive) -> None:  # noqa: ANN001
-        start = time.perf_counter()
-        try:
-            result = await self.call(name, path, scope, receive)
-        except CallError as exc:
-            payload = json.dumps({"error": exc.message, "function": name}).encode()
-            result = (exc.status, [("content-type", "application/json")], payload)
-        self.metrics.observe(name, result[0], time.perf_counter() - start)
-        job["result"] = result
-        job["status"] = "done"
-
-
-def _replay(body: bytes):  # noqa: ANN202
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive

@@ -2,6 +2,8 @@
 
 One file per function, rotated at a size so disk use stays bounded; recent
 lines are kept in memory for ``tail`` and pushed to followers as they arrive.
+A follower that stops reading holds at most ``follow_buffer`` bytes: the lines
+after that are dropped, and once it has caught up it is told how many.
 """
 
 from __future__ import annotations
@@ -15,6 +17,42 @@ from pathlib import Path
 from typing import TextIO
 
 MEMORY_LINES = 2000
+FOLLOW_BUFFER = 1 << 20
+
+
+class Follower:
+    """One ``follow`` reader's lines, at most ``limit`` bytes of them waiting."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: deque[str] = deque()
+        self.size = 0
+        self.dropped = 0
+        self._ready = asyncio.Event()
+
+    def push(self, line: str) -> None:
+        # Once dropping, keep dropping until the reader has caught up, so the marker
+        # it is shown stands exactly where the gap is.
+        if self.dropped or self.size + len(line) > self.limit:
+            self.dropped += 1
+        else:
+            self.lines.append(line)
+            self.size += len(line)
+        self._ready.set()
+
+    async def next(self) -> str:
+        while not self.lines:
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                return (
+                    f"[gateway] {dropped} lines dropped: this reader fell more than"
+                    f" {self.limit} bytes behind"
+                )
+            self._ready.clear()
+            await self._ready.wait()
+        line = self.lines.popleft()
+        self.size -= len(line)
+        return line
 
 
 class FunctionLog:
@@ -23,7 +61,7 @@ class FunctionLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.recent: deque[str] = deque(self._read_existing(), maxlen=MEMORY_LINES)
-        self.followers: set[asyncio.Queue[str]] = set()
+        self.followers: set[Follower] = set()
         self._file: TextIO | None = None
         self._size = path.stat().st_size if path.exists() else 0
 
@@ -39,8 +77,8 @@ class FunctionLog:
 
     def write(self, line: str) -> None:
         self.recent.append(line)
-        for queue in self.followers:
-            queue.put_nowait(line)
+        for follower in self.followers:
+            follower.push(line)
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1, errors="replace")
@@ -70,10 +108,17 @@ class FunctionLog:
 
 
 class LogStore:
-    def __init__(self, root: Path, max_bytes: int = 5 << 20, backups: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int = 5 << 20,
+        backups: int = 2,
+        follow_buffer: int = FOLLOW_BUFFER,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.backups = backups
+        self.follow_buffer = follow_buffer
         self._logs: dict[str, FunctionLog] = {}
 
     def _log(self, function: str) -> FunctionLog:
@@ -92,14 +137,14 @@ class LogStore:
         return list(recent)[-lines:] if lines > 0 else []
 
     async def follow(self, function: str) -> AsyncIterator[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        follower = Follower(self.follow_buffer)
         log = self._log(function)
-        log.followers.add(queue)
+        log.followers.add(follower)
         try:
             while True:
-                yield await queue.get()
+                yield await follower.next()
         finally:
-            log.followers.discard(queue)
+            log.followers.discard(follower)
 
     def remove(self, function: str) -> None:
         log = self._logs.pop(function, None)

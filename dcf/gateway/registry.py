@@ -7,6 +7,7 @@ hot path and flushed here now and then.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at REAL NOT NULL,
     PRIMARY KEY (name, version)
 );
+CREATE TABLE IF NOT EXISTS function_keys (
+    id TEXT PRIMARY KEY,               -- public: shown by list, named by revoke
+    function TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,       -- SHA-256 of the key, hex; the key itself is never kept
+    rate TEXT,                         -- per-key rate limit as given ("5/s"), NULL for none
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
 """
 
 
@@ -51,10 +60,14 @@ class FunctionRecord:
 class Registry:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        for side in ("-wal", "-shm"):  # made by SQLite with the database's mode; older ones not
+            if Path(f"{path}{side}").exists():
+                _private(Path(f"{path}{side}"))
 
     def close(self) -> None:
         self._db.close()
@@ -123,6 +136,40 @@ class Registry:
     def delete(self, name: str) -> None:
         self._db.execute("DELETE FROM functions WHERE name = ?", (name,))
         self._db.execute("DELETE FROM versions WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM function_keys WHERE function = ?", (name,))
+
+    # function keys (dcf.gateway.keys) ---------------------------------------------
+
+    def function_keys(self) -> list[dict]:
+        rows = self._db.execute(
+            "SELECT id, function, digest, rate, created_at, revoked_at FROM function_keys"
+            " ORDER BY created_at"
+        ).fetchall()
+        fields = ("id", "function", "digest", "rate", "created_at", "revoked_at")
+        return [dict(zip(fields, row, strict=True)) for row in rows]
+
+    def add_key(
+        self, key_id: str, function: str, digest: str, rate: str | None, created_at: float
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO function_keys (id, function, digest, rate, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (key_id, function, digest, rate, created_at),
+        )
+
+    def revoke_key(self, key_id: str, revoked_at: float) -> None:
+        self._db.execute(
+            "UPDATE function_keys SET revoked_at = ? WHERE id = ?", (revoked_at, key_id)
+        )
+
+
+def _private(path: Path) -> None:
+    """Create ``path`` readable by its owner only (0600), or make it so.
+
+    The registry holds every function's ``environment``, secrets included.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
 
 
 def _record(row: tuple) -> FunctionRecord:

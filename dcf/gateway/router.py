@@ -4,12 +4,20 @@ Each replica takes at most ``concurrency`` calls at once, multiplexed on one
 persistent connection (``wire``). A call that finds every replica busy waits
 in a FIFO queue and is handed the next free slot directly; a full queue is
 refused at once (429).
+
+A replica known to be dead is never sent a call: a call handed one that died
+before the call was written to it goes to another replica instead, so when a
+replica dies only the calls it had really received fail. A replica that stops
+answering is reported (``ReplicaLink.on_unresponsive``) once ``unresponsive_after``
+calls in a row time out on it, or once one call stays unanswered that many
+timeouts past its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import socket
 import sys
@@ -47,6 +55,10 @@ else:  # pragma: no cover - Python 3.10
 Result = tuple[int, wire.Headers, bytes]
 
 
+class NotDelivered(ConnectionError):
+    """The call never reached the replica (it was gone first): safe to send elsewhere."""
+
+
 class CallError(Exception):
     """A call the gateway answers itself: ``status`` with a message naming why."""
 
@@ -76,6 +88,9 @@ class ReplicaChannel(asyncio.Protocol):
         self._ids = itertools.count(1)
         self._reader = wire.FrameReader(wire.RESPONSE_HEAD)
         self._outbox: list[bytes] = []
+        self._last_id = 0
+        self._written_upto = 0
+        """Calls with ids above this one are still in the outbox, unwritten."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,9 +106,14 @@ class ReplicaChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        written = self._written_upto
+        for call_id, future in pending.items():
             if not future.done():
-                future.set_exception(ConnectionResetError("the replica closed the connection"))
+                future.set_exception(
+                    ConnectionResetError("the replica closed the connection")
+                    if call_id <= written
+                    else NotDelivered("the replica was gone before the call was sent")
+                )
         if not self.closing and self.on_lost is not None:
             self.on_lost()
 
@@ -103,7 +123,7 @@ class ReplicaChannel(asyncio.Protocol):
         """Queue a call; the future resolves with the answer, or fails if the replica goes."""
         if self.closed:
             raise ConnectionResetError("the replica closed the connection")
-        call_id = next(self._ids)
+        call_id = self._last_id = next(self._ids)
         future = self._loop.create_future()
         self._pending[call_id] = future
         if not self._outbox:
@@ -116,6 +136,7 @@ class ReplicaChannel(asyncio.Protocol):
         outbox, self._outbox = self._outbox, []
         if self.transport is not None and not self.closed:
             self.transport.writelines(outbox)
+            self._written_upto = self._last_id
 
     def close(self) -> None:
         self.closing = True
@@ -159,6 +180,12 @@ class ReplicaLink:
         self.on_batch: Callable[[int], None] | None = None
         self.on_lost: Callable[[], None] | None = None
         """Told when the replica drops the connection: it is dead, or cut off."""
+        self.on_unresponsive: Callable[[str], None] | None = None
+        """Told (with why) when the replica stops answering: the pool's liveness check."""
+        self.dead = False
+        """Closed by the gateway, or lost: nothing more is sent to it."""
+        self.missed = 0
+        """Calls in a row that timed out on it (an answer in time resets it)."""
         self._channel: ReplicaChannel | None = None
         self._connecting: asyncio.Future[ReplicaChannel] | None = None
 
@@ -196,11 +223,25 @@ class ReplicaLink:
     ) -> asyncio.Future[Result]:
         channel = self._channel
         if channel is None or channel.closed:
-            channel = await self.channel()
+            if self.dead:
+                raise NotDelivered(f"replica {self.id} is gone")
+            try:
+                channel = await self.channel()
+            except OSError as exc:
+                # Its socket is gone or refuses: the replica is dead; let it be replaced.
+                self._lose()
+                raise NotDelivered(f"cannot connect to replica {self.id}: {exc}") from None
         self.served += 1
         return channel.send(method, path, query, headers, body)
 
+    def _lose(self) -> None:
+        if not self.dead:
+            self.dead = True
+            if self.on_lost is not None:
+                self.on_lost()
+
     def close(self) -> None:
+        self.dead = True
         if self._channel is not None:
             self._channel.close()
 
@@ -208,10 +249,13 @@ class ReplicaLink:
 class Pool:
     """The replicas of a function's live version and the calls waiting for them."""
 
-    def __init__(self, function: str, max_queue: int, timeout: float) -> None:
+    def __init__(
+        self, function: str, max_queue: int, timeout: float, unresponsive_after: int = 3
+    ) -> None:
         self.function = function
         self.max_queue = max_queue
         self.timeout = timeout
+        self.unresponsive_after = unresponsive_after
         self.replicas: list[ReplicaLink] = []
         self.waiters: deque[asyncio.Future[ReplicaLink]] = deque()
         self.inflight = 0
@@ -269,11 +313,42 @@ class Pool:
                 return True
         return False
 
-    def _release_late(self, link: ReplicaLink, answer: asyncio.Future[Result]) -> None:
+    def _release_late(
+        self, link: ReplicaLink, watch: asyncio.TimerHandle | None, answer: asyncio.Future[Result]
+    ) -> None:
         """The answer to a call that already timed out: nobody reads it but the slot frees."""
+        if watch is not None:
+            watch.cancel()
         if not answer.cancelled():
             answer.exception()  # retrieved, so a lost replica's error is not reported as unread
         self._release(link)
+
+    def _timed_out(self, link: ReplicaLink, answer: asyncio.Future[Result]) -> None:
+        """A call sent to ``link`` got no answer within the timeout (the rare path)."""
+        watch = None
+        limit = self.unresponsive_after
+        if limit and not link.dead:
+            link.missed += 1
+            if link.missed >= limit:
+                self._unresponsive(
+                    link, f"{link.missed} calls in a row got no answer within {self.timeout:g}s"
+                )
+            else:
+                # Still unanswered ``limit`` timeouts later: the replica is stuck, even
+                # if nothing else reaches it (every slot taken by stuck calls).
+                watch = asyncio.get_running_loop().call_later(
+                    self.timeout * limit, self._still_unanswered, link, answer
+                )
+        answer.add_done_callback(functools.partial(self._release_late, link, watch))
+
+    def _still_unanswered(self, link: ReplicaLink, answer: asyncio.Future[Result]) -> None:
+        if not answer.done() and not link.dead:
+            waited = self.timeout * (self.unresponsive_after + 1)
+            self._unresponsive(link, f"a call got no answer in {waited:g}s")
+
+    def _unresponsive(self, link: ReplicaLink, why: str) -> None:
+        if link.on_unresponsive is not None and not link.dead:
+            link.on_unresponsive(why)
 
     def _release(self, link: ReplicaLink) -> None:
         link.inflight -= 1
@@ -313,24 +388,31 @@ class Pool:
         self.inflight += 1
         try:
             async with deadline(self.timeout):
-                link = await self._acquire()
-                answer = None
-                try:
-                    answer = await link.send(method, path, query, headers, body)
-                    # Shielded: a call that times out still occupies the replica until it
-                    # answers, so its slot is released then, not now.
-                    return await asyncio.shield(answer)
-                except (ConnectionError, OSError) as exc:
-                    raise CallError(
-                        502,
-                        f"replica {link.id} of {self.function!r} failed during the call"
-                        f" ({type(exc).__name__})",
-                    ) from None
-                finally:
-                    if answer is None or answer.done():
-                        self._release(link)
-                    else:
-                        answer.add_done_callback(lambda late: self._release_late(link, late))
+                while True:
+                    link = await self._acquire()
+                    answer = None
+                    try:
+                        answer = await link.send(method, path, query, headers, body)
+                        # Shielded: a call that times out still occupies the replica until
+                        # it answers, so its slot is released then, not now.
+                        result = await asyncio.shield(answer)
+                        link.missed = 0
+                        return result
+                    except NotDelivered:
+                        if link.dead:
+                            self.remove(link)
+                        continue  # it never reached that replica: another one takes it
+                    except (ConnectionError, OSError) as exc:
+                        raise CallError(
+                            502,
+                            f"replica {link.id} of {self.function!r} failed during the call"
+                            f" ({type(exc).__name__})",
+                        ) from None
+                    finally:
+                        if answer is None or answer.done():
+                            self._release(link)
+                        else:
+                            self._timed_out(link, answer)
         except TimeoutError:
             raise CallError(
                 504, f"{self.function!r} did not answer within {self.timeout:g}s"

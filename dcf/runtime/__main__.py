@@ -22,14 +22,20 @@ from dcf.runtime.server import http_app, serve_socket
 
 
 def _die_with_parent() -> None:
-    """A replica must not outlive the gateway that started it (Linux only)."""
+    """A replica must not outlive the gateway that started it (Linux only).
+
+    A gateway that died before we read its pid (a gateway may itself be pid 1, in
+    a container, so that proves nothing) is caught when reporting ready finds
+    the status pipe closed.
+    """
+    parent = os.getppid()
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != int(os.environ.get("DCF_PARENT_PID", os.getppid())):
-            os._exit(1)
+    if os.getppid() != parent:  # it died while the signal was being armed
+        os._exit(1)
 
 
 def _limit_memory(limit: str | None) -> None:
@@ -45,14 +51,19 @@ def _limit_memory(limit: str | None) -> None:
 def _report(fd: int | None, message: dict) -> None:
     if fd is None:
         return
-    with contextlib.suppress(OSError):
+    try:
         os.write(fd, (json.dumps(message) + "\n").encode())
+    except BrokenPipeError:  # nobody reads: the gateway that started us is gone
+        os._exit(1)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
         os.close(fd)
 
 
 def main() -> None:
     env = os.environ
-    if "DCF_PARENT_PID" in env:
+    if "DCF_STATUS_FD" in env:  # started by the local backend
         _die_with_parent()
     _limit_memory(env.get("DCF_MEMORY_LIMIT"))
     status_fd = int(env["DCF_STATUS_FD"]) if env.get("DCF_STATUS_FD") else None

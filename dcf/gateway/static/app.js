@@ -644,7 +644,9 @@ class FunctionView {
     this.configBody.replaceChildren(h("dl", { class: "kv-grid", id: "config-table" },
       [...flatten(spec), ...extra].map(([key, value]) =>
         h("div", { class: "kv-item", dataset: { key } }, h("dt", {}, key),
-          h("dd", { class: "mono" }, showValue(value))))));
+          // The gateway sends environment names only: their values may be secrets.
+          h("dd", { class: "mono", title: key.startsWith("environment.")
+            ? "value hidden by the gateway" : null }, showValue(value))))));
   }
 
   async refreshLogs() {
