@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start a gateway (unless one answers), deploy the SSD example, call it the seed's way.
+# Start a gateway (unless one answers), deploy the SSD example (the COCO SSD ssd-test and the
+# face SSD ssd-face), call it the seed's way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -23,7 +24,9 @@ cd examples/ssd-detector
 set -x
 dcf function create -f config.yaml -v --update -g "$GATEWAY"
 dcf function list -g "$GATEWAY"
-cat samples/astronaut.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
+cat samples/coffee.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
+cat samples/grace_hopper.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
+cat samples/astronaut.jpg | base64 | dcf function call ssd-face -g "$GATEWAY"
 { set +x; } 2>/dev/null
 echo
 echo "Dashboard: http://$GATEWAY/ui   Stop the gateway: kill \$(cat $DCF_HOME/gateway.pid)"

