@@ -24,9 +24,9 @@ cd examples/ssd-detector
 set -x
 dcf function create -f config.yaml -v --update -g "$GATEWAY"
 dcf function list -g "$GATEWAY"
-cat samples/coffee.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
-cat samples/grace_hopper.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"
-cat samples/astronaut.jpg | base64 | dcf function call ssd-face -g "$GATEWAY"
+# The answers are JSON without a trailing newline (pipes stay byte-exact): echo one.
+cat samples/coffee.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"; echo
+cat samples/grace_hopper.jpg | base64 | dcf function call ssd-test -g "$GATEWAY"; echo
+cat samples/astronaut.jpg | base64 | dcf function call ssd-face -g "$GATEWAY"; echo
 { set +x; } 2>/dev/null
-echo
 echo "Dashboard: http://$GATEWAY/ui   Stop the gateway: kill \$(cat $DCF_HOME/gateway.pid)"
