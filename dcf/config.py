@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dcf import yamlsafe
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 RUNTIMES = {"python3": "Python 3 (this gateway's interpreter, with the function's requirements)"}
@@ -259,20 +260,41 @@ def parse_function(data: Any, name: str, file: Path | str = "<request>") -> Func
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: function {name!r}: must be a map of settings")
     try:
-        return FunctionSpec.model_validate({**data, "name": name})
+        spec = FunctionSpec.model_validate({**data, "name": name})
     except ValidationError as exc:
         raise ConfigError(_format(Path(file), name, exc)) from None
+    escape = _outside(spec.handler.file)
+    if escape:
+        raise ConfigError(f"{file}: function {name!r}: field 'handler.file': {escape}")
+    return spec
+
+
+def _outside(file: str) -> str | None:
+    """Why ``handler.file`` could name a file outside the function's directory, if it could.
+
+    Checked here, for what users send, and not on the model: specs stored before the
+    check must still load."""
+    from pathlib import PurePosixPath
+
+    path = PurePosixPath(file)
+    if path.is_absolute():
+        return f"{file!r} is an absolute path: give a path inside the handler directory"
+    if ".." in path.parts:
+        return f"{file!r} goes up with '..': give a path inside the handler directory"
+    return None
 
 
 def load_project(path: str | Path, check_dirs: bool = True) -> Project:
     """Read and validate a config.yaml, as the CLI does before it uploads anything."""
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yamlsafe.load(file)  # size, encoding and alias bombs checked
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    except yamlsafe.YamlError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc.strerror or exc})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

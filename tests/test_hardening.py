@@ -550,7 +550,8 @@ def test_stalled_log_follower_does_not_grow_the_gateway(gw: GatewayProcess, tmp_
 
 def test_handler_file_must_stay_inside_the_upload(gw: GatewayProcess, tmp_path: Path):
     deploy(gw, tmp_path, "innocent", "def Handler(req):\n    return 'innocent code'\n")
-    for file in ("../innocent/v1/handler.py", "/etc/passwd", "sub/../../x.py"):
+    for file in ("../../innocent/v1/handler.py", "../innocent/v1/handler.py", "/etc/passwd",
+                 "sub/../../x.py"):
         r = upload(gw, "intruder", tar_gz({"handler.py": ECHO.encode()}),
                    handler={"file": file})
         assert r.status_code == 400, (file, r.text)

@@ -62,20 +62,24 @@ def init(runtime: str, config: str, name: str) -> None:
 
 
 def _existing_functions(path: Path) -> dict:
-    import yaml
+    from dcf import yamlsafe
 
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        fail(f"{path}: not valid YAML: {exc}")
+        data = yamlsafe.load(path) or {}
+    except yamlsafe.YamlError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{path}: cannot be read ({exc.strerror or exc})")
     functions = data.get("functions") if isinstance(data, dict) else None
     return functions if isinstance(functions, dict) else {}
 
 
 def _add_to_config(path: Path, name: str, runtime: str) -> None:
     import yaml
+
+    from dcf import yamlsafe
 
     block = (
         f"  {name}:\n"
@@ -100,7 +104,7 @@ def _add_to_config(path: Path, name: str, runtime: str) -> None:
     )
     if start is None:
         # No block-style functions section: add one (a flow-style one is rewritten).
-        data = yaml.safe_load("".join(lines)) or {}
+        data = yamlsafe.loads("".join(lines), path) or {}
         if "functions" in data:
             data["functions"][name] = yaml.safe_load(block)[name]
             path.write_text(yaml.safe_dump(data, sort_keys=False))

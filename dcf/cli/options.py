@@ -24,18 +24,18 @@ def gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def gateway_from_config(path: str | Path | None) -> str | None:
     """dcf.gateway of a config.yaml, read leniently: a broken file is reported elsewhere."""
+    from dcf import yamlsafe  # small; it imports PyYAML only to parse
+
     file = Path(path) if path else Path("config.yaml")
     try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError):
+        text = yamlsafe.read_text(file)  # a huge or binary file is passed over, not read
+    except (OSError, yamlsafe.YamlError):
         return None
     if "gateway" not in text:  # most calls: no need to load a YAML parser
         return None
-    import yaml
-
     try:
-        return str(yaml.safe_load(text)["dcf"]["gateway"])
-    except (yaml.YAMLError, KeyError, TypeError):
+        return str(yamlsafe.loads(text, file)["dcf"]["gateway"])
+    except (yamlsafe.YamlError, KeyError, TypeError):
         return None
 
 

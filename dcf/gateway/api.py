@@ -28,8 +28,9 @@ class DeployRequest(BaseModel):
 
 
 class ScaleRequest(BaseModel):
-    min: int | None = Field(None, description="Fewest replicas (0 allows scale to zero)")
-    max: int | None = Field(None, description="Most replicas")
+    # Strict: the document says integer, so false or "2" is refused, not read as 0 or 2.
+    min: int | None = Field(None, strict=True, description="Fewest replicas (0: scale to zero)")
+    max: int | None = Field(None, strict=True, description="Most replicas")
 
 
 def require_token(token: str | None):  # noqa: ANN201
@@ -71,8 +72,16 @@ def build_router(manager: FunctionManager, token: str | None, backend: str) -> A
             spec = parse_function({k: v for k, v in body.function.items() if k != "name"}, name)
         except ConfigError as exc:
             raise FunctionError(400, str(exc)) from None
+        limit = manager.limits.max_upload
+        if len(body.code) // 4 * 3 > limit + 2:  # refused before it is decoded
+            raise FunctionError(
+                413,
+                f"function {name!r}: code archive is over the gateway's archive limit of"
+                f" {limit} bytes (--max-upload)",
+            )
         try:
-            archive = base64.b64decode(body.code, validate=True)
+            # In a thread, as the unpacking: tens of MB must not stall other requests.
+            archive = await asyncio.to_thread(base64.b64decode, body.code, validate=True)
         except (binascii.Error, ValueError):
             raise FunctionError(400, "'code' is not valid base64") from None
         progress: asyncio.Queue[str] = asyncio.Queue()

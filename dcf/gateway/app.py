@@ -31,6 +31,7 @@ from dcf.gateway.keys_api import build_keys_router
 from dcf.gateway.limits import Limits
 from dcf.gateway.logs import LogStore
 from dcf.gateway.metrics import Metrics
+from dcf.gateway.openapi import install as install_openapi
 from dcf.gateway.rundir import RunDir
 
 STATIC = Path(__file__).parent / "static"
@@ -144,6 +145,7 @@ class Gateway:
         )
         api.include_router(build_router(self.manager, self.settings.token, self.settings.backend))
         api.include_router(build_keys_router(self.manager, self.guard, self.settings.token))
+        install_openapi(api, protected=self.settings.token is not None)  # openapi.py
 
         @api.exception_handler(FunctionError)
         async def function_error(request: Request, exc: FunctionError) -> JSONResponse:

@@ -42,7 +42,7 @@ class Member:
     retiring: bool = False
     started_at: float = field(default_factory=time.time)
     why: str | None = None
-    """Why the gateway ended its replica (it stopped answering, its connection dropped)."""
+    """Why the gateway ended its replica (it stopped answering), for the log and ``info``."""
 
 
 class Deployment:
@@ -217,7 +217,7 @@ class Deployment:
                 self.restarts += 1
                 if time.monotonic() - serving >= self.limits.healthy_after:
                     backoff = RESTART_BACKOFF  # it had recovered: a new crash starts afresh
-                why = member.why or reason
+                why = f"{member.why} (it {reason})" if member.why else reason
                 member.why = None
                 self.last_restart = f"replica {member.id} {why}"
                 self.log("gateway", f"replica {member.id} {why}; restarting in {backoff:g}s")
@@ -231,7 +231,6 @@ class Deployment:
         self.pool.remove(link)
         if member.replica is not None and not (self.stopping or member.retiring):
             self.log("gateway", f"lost the connection to replica {member.id}; replacing it")
-            member.why = member.why or "lost its connection to the gateway"
             asyncio.get_running_loop().create_task(member.replica.stop(grace=1.0))
 
     def _unresponsive(self, member: Member, link: ReplicaLink, why: str) -> None:

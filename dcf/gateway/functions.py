@@ -207,13 +207,12 @@ class FunctionManager:
             )
         if (state is not None and state.deploying is not None) or name in self._unpacking:
             raise FunctionError(409, f"a deploy of {name!r} is already in progress")
-        code_hash = hashlib.sha256(archive).hexdigest()[:16]
         version = self.registry.next_version(name)
         code_dir = self.code_root / name / f"v{version}"
         self._unpacking.add(name)
         try:
             # Off the event loop: a large upload must not stall every other call.
-            await asyncio.to_thread(self._unpack, archive, code_dir, spec)
+            code_hash = await asyncio.to_thread(self._unpack, archive, code_dir, spec)
         finally:
             self._unpacking.discard(name)
         if not code_dir.is_dir():
@@ -461,8 +460,9 @@ class FunctionManager:
         await asyncio.gather(*(d.stop(drain=False) for d in deployments), return_exceptions=True)
         self.registry.close()
 
-    def _unpack(self, archive: bytes, code_dir: Path, spec: FunctionSpec) -> None:
-        """The upload into ``code_dir``, checked; FunctionError (nothing left) otherwise."""
+    def _unpack(self, archive: bytes, code_dir: Path, spec: FunctionSpec) -> str:
+        """The upload into ``code_dir``, checked, and its hash; FunctionError (nothing
+        left) otherwise."""
         try:
             unpack(archive, code_dir, spec.handler.file, self.limits)
             requirements = code_dir / "requirements.txt"
@@ -477,6 +477,7 @@ class FunctionManager:
         except RequirementsError as exc:
             self._remove_code(code_dir)
             raise FunctionError(400, f"function {spec.name!r}: {exc}") from None
+        return hashlib.sha256(archive).hexdigest()[:16]
 
     def _remove_code(self, code_dir: Path) -> None:
         shutil.rmtree(code_dir, ignore_errors=True)

@@ -37,6 +37,9 @@ _DROP = frozenset(
 # Set by the gateway from the body it sends; a replica's own would be wrong or chunked.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _JSON = [(b"content-type", b"application/json")]
+# What a handler may be called with (req.method); TRACE, CONNECT and the rest get 405.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ALLOW = [(b"allow", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT")]
 
 
 def response_headers(headers: list[tuple[str, str]], body: bytes) -> list[tuple[bytes, bytes]]:
@@ -93,6 +96,10 @@ class Invoke:
             await send_json(send, *refused)
             return
         path: str = scope["path"]
+        if scope["method"] not in METHODS:
+            error = f"method {scope['method']} is not served: functions take GET, POST, PUT, …"
+            await send_json(send, 405, {"error": error, "function": None}, _ALLOW)
+            return
         if path.startswith(ASYNC_PREFIX):
             await self.jobs(scope, receive, send)
             return
@@ -137,6 +144,11 @@ class Invoke:
         except BodyTimeout:
             raise CallError(408, self.body_clock.message()) from None  # type: ignore[union-attr]
         query = scope["query_string"].decode("latin-1")
+        # Looked up again: an update may have switched the function's pool while the body
+        # arrived, and the old one, drained, takes no more calls.
+        pool = self.routes.get(name)
+        if pool is None:
+            raise CallError(404, f"no function named {name!r}")
         return await pool.call(scope["method"], path, query, headers, body)
 
     def _too_large(self) -> str:

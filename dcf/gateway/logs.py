@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 MEMORY_LINES = 2000
+MEMORY_BYTES = 1 << 20
+"""Recent lines kept per function for ``tail``: this many at most, and this many bytes."""
 FOLLOW_BUFFER = 1 << 20
 
 
@@ -60,7 +62,10 @@ class FunctionLog:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self.recent: deque[str] = deque(self._read_existing(), maxlen=MEMORY_LINES)
+        self.recent: deque[str] = deque(maxlen=MEMORY_LINES)
+        self._recent_size = 0
+        for line in self._read_existing():
+            self._remember(line)
         self.followers: set[Follower] = set()
         self._file: TextIO | None = None
         self._size = path.stat().st_size if path.exists() else 0
@@ -75,8 +80,17 @@ class FunctionLog:
             lines.extend(self.path.read_text(errors="replace").splitlines())
         return lines[-MEMORY_LINES:]
 
+    def _remember(self, line: str) -> None:
+        recent = self.recent
+        if len(recent) == MEMORY_LINES:
+            self._recent_size -= len(recent[0])
+        recent.append(line)
+        self._recent_size += len(line)
+        while self._recent_size > MEMORY_BYTES and len(recent) > 1:
+            self._recent_size -= len(recent.popleft())
+
     def write(self, line: str) -> None:
-        self.recent.append(line)
+        self._remember(line)
         for follower in self.followers:
             follower.push(line)
         if self._file is None:

@@ -18,7 +18,7 @@ import lzma
 import shutil
 import tarfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from dcf.gateway.limits import Limits
@@ -36,18 +36,6 @@ class ArchiveRefused(Exception):
         self.message = message
 
 
-def check_handler_path(file: str) -> str | None:
-    """Why ``handler.file`` could point outside the upload (None if it cannot)."""
-    path = PurePosixPath(file)
-    if path.is_absolute():
-        return f"{file!r} is an absolute path: give a path inside the handler directory"
-    if ".." in path.parts:
-        return f"{file!r} goes up with '..': give a path inside the handler directory"
-    if not file.strip() or "\0" in file:
-        return f"{file!r} is not a file name"
-    return None
-
-
 def unpack(archive: bytes, target: Path, handler_file: str, limits: Limits) -> None:
     """Extract ``archive`` into ``target`` (created), or raise ArchiveRefused naming why.
 
@@ -59,9 +47,6 @@ def unpack(archive: bytes, target: Path, handler_file: str, limits: Limits) -> N
             f"code archive is {len(archive)} bytes, over the gateway's archive limit of"
             f" {limits.max_upload} bytes (--max-upload)",
         )
-    why = check_handler_path(handler_file)
-    if why:
-        raise ArchiveRefused(400, f"field 'handler.file': {why}")
     try:
         _scan(archive, limits)
         shutil.rmtree(target, ignore_errors=True)
