@@ -1,7 +1,8 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
-Parts: echo, ssd, coldstart, memory, ray (all of these by default; ``--quick``
-leaves ray out unless named) and profile (only when named). Prints a markdown
+Parts: echo, ssd, coldstart, memory, cli, ray (Ray Serve), raybackend (DCF's
+Ray backend) (all of these by default; ``--quick`` leaves the two Ray parts out
+unless named) and profile (only when named). Prints a markdown
 table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
 ``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
 """
@@ -20,8 +21,9 @@ from pathlib import Path
 from bench import report, util
 from bench.context import Context
 
-PARTS = ("echo", "ssd", "coldstart", "memory", "ray", "profile")
-DEFAULT = ("echo", "ssd", "coldstart", "memory", "ray")
+PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "profile")
+DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend")
+RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
 
@@ -77,13 +79,15 @@ def _versions() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="DCF's benchmarks: echo, SSD, cold start, memory, Ray Serve, profile.",
+        description="DCF's benchmarks: echo, SSD, cold start, memory, CLI, Ray Serve, "
+        "DCF's Ray backend, profile.",
     )
     parser.add_argument(
         "parts",
         nargs="*",
         metavar="PART",
-        help=f"any of {', '.join(PARTS)} (default: {' '.join(DEFAULT)}; --quick drops ray)",
+        help=f"any of {', '.join(PARTS)} (default: {' '.join(DEFAULT)}; --quick drops "
+        f"{' and '.join(RAY_PARTS)})",
     )
     parser.add_argument("--quick", action="store_true", help="short runs, one round: a smoke test")
     parser.add_argument("--name", help="results file name (default: a timestamp)")
@@ -122,8 +126,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
     if not args.parts:
-        args.parts = [p for p in DEFAULT if not (args.quick and p == "ray")]
+        args.parts = _defaults(args.quick)
     return args
+
+
+def _defaults(quick: bool) -> list[str]:
+    return [p for p in DEFAULT if not (quick and p in RAY_PARTS)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         # latest.* (latest-quick.*) is the last run of every default part; a run of some
         # parts only writes its own files.
-        complete = set(args.parts) >= {p for p in DEFAULT if not (args.quick and p == "ray")}
+        complete = set(args.parts) >= set(_defaults(args.quick))
         stems = [name]
         if complete:
             stems.append("latest-quick" if args.quick else "latest")
@@ -218,10 +226,18 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import lifecycle
 
         return lifecycle.memory(ctx)
+    if part == "cli":
+        from bench import cli
+
+        return cli.run(ctx)
     if part == "ray":
         from bench import ray_serve
 
         return ray_serve.run(ctx)
+    if part == "raybackend":
+        from bench import ray_backend
+
+        return ray_backend.run(ctx)
     if part == "profile":
         from bench import profile
 

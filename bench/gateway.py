@@ -11,21 +11,30 @@ from bench import util
 
 
 class Gateway:
-    def __init__(self, cpus: set[int] | None = None, label: str = "gateway") -> None:
+    def __init__(
+        self,
+        cpus: set[int] | None = None,
+        label: str = "gateway",
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> None:
+        """``extra``: more ``dcf gateway start`` options (``--backend ray ...``)."""
         self.home = util.tempdir("dcf-bench-home-")
         self.port = util.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(self.home, "gateway.log")
         self.label = label
+        cmd = [sys.executable, "-m", "dcf.cli.main", "gateway", "start", "--port", str(self.port)]
         self.proc: subprocess.Popen = util.spawn(
-            [sys.executable, "-m", "dcf.cli.main", "gateway", "start", "--port", str(self.port)],
-            env={"DCF_HOME": self.home},
+            [*cmd, *(extra or [])],
+            env={"DCF_HOME": self.home, **(env or {})},
             cpus=cpus,
             log=self.log,
             cwd=self.home,
         )
         try:
-            util.wait_http(self.url + "/healthz", timeout=30, proc=self.proc)
+            util.wait_http(self.url + "/healthz", timeout=timeout, proc=self.proc)
         except Exception:
             raise RuntimeError(f"{label} did not start: {self.log.read_text()[-2000:]}") from None
         from dcf.client import Client

@@ -142,6 +142,8 @@ def main() -> None:
 
     ray.init(
         num_cpus=os.cpu_count(),
+        # Ray would use the host's LAN address for its nodes' traffic; keep it on loopback.
+        _node_ip_address="127.0.0.2",
         include_dashboard=False,
         object_store_memory=128 * 1024 * 1024,
         log_to_driver=False,

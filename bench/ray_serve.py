@@ -10,7 +10,6 @@ SSD rows let them use every core, as DCF's do.
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 import time
@@ -47,17 +46,7 @@ def _start(mode: str, ssd_dir: str | None, log: Path) -> tuple[subprocess.Popen,
     proc = util.spawn(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=util.ROOT, stderr_log=log
     )
-    deadline = time.monotonic() + 240
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            code = proc.wait()
-            raise RuntimeError(f"Ray ({mode}) exited with {code} before it was ready: {tail}")
-        if line.startswith(b"RAYJSON "):
-            return proc, json.loads(line[len(b"RAYJSON ") :])
-    raise RuntimeError(f"Ray ({mode}) did not become ready in 240 s")
+    return proc, util.read_json_line(proc, b"RAYJSON", 240, f"Ray ({mode})", log)
 
 
 def _free_range(span: int = 100) -> int:

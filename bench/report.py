@@ -73,6 +73,8 @@ def _echo_rows(results: dict) -> list[tuple[str, dict | None]]:
         ("DCF replica alone, framed socket [asyncio gen]", echo.get("replica-framed")),
         ("DCF gateway → replica (async echo, concurrency 64)", echo.get("gateway")),
         ("DCF gateway → replica (sync seed-form echo, conc. 4)", echo.get("gateway-sync")),
+        ("DCF gateway, Ray backend → replica actor over TCP", get(results, "raybackend", "echo")),
+        ("DCF gateway, local backend, in turns with ↑", get(results, "raybackend", "local-echo")),
         ("Ray Serve, HTTP proxy", get(ray, "proxy", "echo")),
         ("Ray Serve, throughput-optimized, replica's port", get(ray, "direct", "echo")),
         ("bare uvicorn+Starlette [asyncio gen]", echo.get("bare-pygen")),
@@ -164,6 +166,16 @@ def ssd_table(results: dict) -> str | None:
             get(ssd, "gateway-batch", "c8"),
         ),
         ("DCF gateway, example as shipped (ssd-test)", None, get(ssd, "gateway-example", "c8")),
+        (
+            "DCF gateway, Ray backend, example as shipped",
+            None,
+            get(results, "raybackend", "ssd", "c8"),
+        ),
+        (
+            "DCF gateway, local backend, example, in turns with ↑",
+            None,
+            get(results, "raybackend", "local-ssd", "c8"),
+        ),
         (
             "Ray Serve proxy, unbatched",
             get(ray, "proxy", "ssd", "c1"),
@@ -281,9 +293,56 @@ def lifecycle_table(results: dict) -> str | None:
         rss = get(ray, mode, "rss_mb_all_processes")
         if rss:
             add(f"Ray Serve ({mode}), all processes, 3 apps", f"{_num(rss, 0)} MB")
+    rb = results.get("raybackend") or {}
+    cluster = rb.get("cluster")
+    if cluster:
+        add(
+            "Ray backend: the bench's cluster, start → nodes up",
+            f"{_num(cluster.get('start_s'), 2)} s",
+            f"{cluster.get('nodes')} nodes on {cluster.get('node_ip')} (head without CPUs)",
+        )
+        add(
+            "Ray backend: `dcf gateway start --backend ray` → /healthz",
+            f"{_num(rb.get('gateway_start_s'), 2)} s",
+            "joins the cluster as a driver",
+        )
+        for what, create in (
+            ("echo", get(rb, "echo", "create_s")),
+            ("SSD", get(rb, "ssd", "create_s")),
+        ):
+            if create is not None:
+                add(f"Ray backend: create → Ready, {what}", f"{_num(create, 2)} s", "one actor")
+        if rb.get("gateway_rss_mb"):
+            add(
+                "Ray backend: gateway RSS (a Ray driver)",
+                f"{_num(rb['gateway_rss_mb'], 1)} MB",
+                f"idle, before any function: {_num(rb.get('gateway_rss_idle_mb'), 1)} MB",
+            )
+            add(
+                "Ray backend: the cluster, all processes",
+                f"{_num(rb.get('cluster_rss_mb'), 0)} MB",
+                "GCS, raylets, agents, the SSD replica's worker",
+            )
     if not rows:
         return None
     return _table(["cold start and memory", "measured", "note"], rows)
+
+
+# -- the dcf command ---------------------------------------------------------------------------
+
+
+def cli_table(results: dict) -> str | None:
+    cli = results.get("cli") or {}
+    rows = cli.get("rows") or {}
+    if not rows:
+        return None
+    return _table(
+        ["command (whole process, echo function)", "median", "best"],
+        [
+            [name, f"{_ms(r['median_s'] * 1000)} ms", f"{_ms(r['best_s'] * 1000)} ms"]
+            for name, r in rows.items()
+        ],
+    )
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -499,6 +558,8 @@ def targets(results: dict) -> list[dict]:
             behind=True,
         )
 
+    _ray_backend_targets(results, add)
+
     # cold start
     create = cold.get("create_ready_median_s")
     add(
@@ -541,6 +602,18 @@ def targets(results: dict) -> list[dict]:
             lambda v: f"{v - 3:.2f} s",
         )
 
+    # the dcf command
+    call = get(results, "cli", "rows", "dcf function call", "median_s")
+    curl = get(results, "cli", "rows", "curl", "median_s")
+    add(
+        "`dcf function call` of an echo function, wall time (median)",
+        call,
+        f"{_num(call, 3)} s" + (f" (curl {_num(curl, 3)} s)" if curl is not None else ""),
+        "≤ 0.15 s",
+        lambda v: v <= 0.15,
+        lambda v: f"{v - 0.15:.3f} s",
+    )
+
     # memory
     rss = max(
         (v for v in (mem.get("rss_10_functions_mb"), mem.get("rss_after_calls_mb")) if v),
@@ -555,6 +628,99 @@ def targets(results: dict) -> list[dict]:
         lambda v: f"{v - 100:.1f} MB",
     )
     return out
+
+
+def _ray_backend_targets(results: dict, add: Callable[..., None]) -> None:
+    """DCF's Ray backend against the local backend (measured in turns with it) and Ray Serve's
+    direct mode, same run."""
+    rb = get(results, "raybackend", "echo")
+    if not rb:
+        return
+    local = get(results, "raybackend", "local-echo") or {}
+    direct = get(results, "ray", "direct", "echo") or {}
+    # (row, path, lower is better, goal against local, goal against Ray direct)
+    rows = (
+        ("echo p50 @1", ("c1", "p50_ms"), True, None, None),
+        ("echo req/s @8", ("c8", "rps"), False, 0.8, 2.0),
+        ("echo req/s @64", ("c64", "rps"), False, None, None),
+        ("echo 600 KB req/s @8", ("big_c8", "rps"), False, None, None),
+    )
+    for row, path, lower_better, goal, _ in rows:
+        rv, lv = get(rb, *path), get(local, *path)
+        if lower_better:
+            if rv is not None and lv is not None:
+                add(
+                    f"Ray backend − local backend: {row}",
+                    rv - lv,
+                    f"{rv - lv:+.3f} ms ({rv:.3f} − {lv:.3f})",
+                    "(info)",
+                    None,
+                )
+            continue
+        r = _ratio(rv, lv)
+        add(
+            f"Ray backend / local backend: {row}",
+            r,
+            f"{_pct(r)} ({_num(rv)} / {_num(lv)})",
+            "(info)" if goal is None else f"≥ {100 * goal:.0f}%",
+            None if goal is None else (lambda v, g=goal: v >= g),
+            None if goal is None else (lambda v, g=goal: f"{100 * (g - v):.0f} points"),
+        )
+    for row, path, lower_better, _, goal in rows:
+        rv, dv = get(rb, *path), get(direct, *path)
+        factor = _ratio(dv, rv) if lower_better else _ratio(rv, dv)
+        add(
+            f"DCF Ray backend vs Ray Serve direct: {row}"
+            + (" (lower is better)" if lower_better else ""),
+            factor,
+            f"{_x(factor)} (DCF {_fmt(rv)} vs Ray {_fmt(dv)})",
+            "(info)" if goal is None else f"≥ {goal:g}×",
+            None if goal is None else (lambda v, g=goal: v >= g),
+            None,
+            behind=True,
+        )
+    rv = get(results, "raybackend", "ssd", "c8", "rps")
+    lv = get(results, "raybackend", "local-ssd", "c8", "rps")
+    r = _ratio(rv, lv)
+    add(
+        "Ray backend / local backend: SSD img/s @8 (example as shipped)",
+        r,
+        f"{_pct(r)} ({_num(rv, 1)} / {_num(lv, 1)} img/s)",
+        "(info)",
+        None,
+    )
+    rb_all = results.get("raybackend") or {}
+    same = get(rb_all, "ssd", "same_answer_as_local")
+    if same is not None:
+        add(
+            "Ray backend: ssd-test answers as the local backend does (same boxes)",
+            float(same),
+            "yes" if same else "no",
+            "yes",
+            lambda v: v == 1,
+        )
+    if "non_loopback_connections" in rb_all:
+        off = rb_all["non_loopback_connections"]
+        add(
+            "Ray backend: connections of the gateway and cluster off loopback",
+            len(off),
+            str(len(off)),
+            "none",
+            lambda v: v == 0,
+            None,
+            "; ".join(off[:3]),
+        )
+    if "left_running" in rb_all:
+        left = rb_all["left_running"]
+        add(
+            "Ray backend: cluster processes left after its shutdown",
+            len(left),
+            str(len(left)),
+            "none",
+            lambda v: v == 0,
+            None,
+            f"pids {left} (killed)" if left else "",
+        )
 
 
 def _fmt(value: Any) -> str:
@@ -572,6 +738,11 @@ def targets_table(rows: list[dict]) -> str:
     )
 
 
+def _first(results: dict, *paths: tuple[str, ...]) -> Any:
+    """The value at the first of ``paths`` that has one."""
+    return next((v for p in paths if (v := get(results, *p)) is not None), None)
+
+
 def render(results: dict) -> str:
     meta = results.get("meta", {})
     parts = [f"# DCF bench — {meta.get('name', '')}", ""]
@@ -586,11 +757,15 @@ def render(results: dict) -> str:
         parts += ["", f"## Echo — skipped: {echo['skipped']}"]
     elif _echo_rows(results):
         cpus = echo.get("cpus") or meta.get("cpus")
-        repeats = echo.get("repeats") or get(results, "ray", "repeats")
+        repeats = _first(
+            results, ("echo", "repeats"), ("ray", "repeats"), ("raybackend", "repeats")
+        )
+        duration = _first(
+            results, ("echo", "duration_s"), ("ray", "duration_s"), ("raybackend", "duration_s")
+        )
         parts += [
             "",
-            f"## Echo — {cpus}; best of {repeats} interleaved runs of "
-            f"{echo.get('duration_s') or get(results, 'ray', 'duration_s')} s per cell",
+            f"## Echo — {cpus}; best of {repeats} interleaved runs of {duration} s per cell",
             "",
             echo_table(results),
         ]
@@ -599,7 +774,11 @@ def render(results: dict) -> str:
             parts += ["", unpinned]
     ssd = ssd_table(results)
     if ssd:
-        s = results.get("ssd") or {"cpus": "not pinned", "duration_s": get(results, "ray", "ssd_s")}
+        s = results.get("ssd") or {
+            "cpus": "not pinned",
+            "duration_s": _first(results, ("ray", "ssd_s"), ("raybackend", "ssd", "duration_s")),
+            "samples": get(results, "raybackend", "ssd", "samples"),
+        }
         parts += [
             "",
             f"## SSD — {s.get('cpus')}; {s.get('duration_s')} s per cell; "
@@ -612,6 +791,12 @@ def render(results: dict) -> str:
     life = lifecycle_table(results)
     if life:
         parts += ["", "## Cold start and memory", "", life]
+    cli = cli_table(results)
+    if cli:
+        runs = get(results, "cli", "runs")
+        parts += ["", f"## The dcf command — {runs} runs each, taking turns", "", cli]
+    elif get(results, "cli", "skipped"):
+        parts += ["", f"## The dcf command — skipped: {results['cli']['skipped']}"]
     ray = results.get("ray") or {}
     if get(ray, "skipped"):
         parts += ["", f"## Ray Serve — skipped: {ray['skipped']}"]
@@ -620,6 +805,11 @@ def render(results: dict) -> str:
             if get(ray, mode, "skipped"):
                 parts += ["", f"Ray Serve ({mode}) — {ray[mode]['skipped']}"]
         parts += ["", f"Ray Serve max_ongoing_requests: {ray.get('max_ongoing_requests')}"]
+    if get(results, "raybackend", "skipped"):
+        parts += ["", f"## DCF's Ray backend — skipped: {results['raybackend']['skipped']}"]
+    elif get(results, "raybackend", "ssd", "skipped"):
+        why = results["raybackend"]["ssd"]["skipped"]
+        parts += ["", f"DCF's Ray backend, SSD — skipped: {why}"]
     prof = results.get("profile") or {}
     if prof:
         parts += ["", profile_text(prof)]

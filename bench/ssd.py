@@ -69,7 +69,7 @@ def example_settings(example: Path) -> dict:
     try:
         data = yaml.safe_load((example / "config.yaml").read_text()) or {}
         functions = data.get("functions") or {}
-        settings = dict(next(iter(functions.values())))
+        settings = dict(functions.get("ssd-test") or next(iter(functions.values())))
     except (OSError, StopIteration, AttributeError, yaml.YAMLError):
         return {}
     for key in ("handler", "replicas", "image", "build_args", "skip_build"):
@@ -155,6 +155,8 @@ def run(ctx: Context) -> dict:
                     gw.function_url("ssd-test"), conc, duration, bodies, warmup=warm
                 )
         out["model_load_s"] = out["in-process"]["c1"].get("model_load_s")
+        # Which detector the example's handler loaded (CocoSSD: the COCO SSD on onnxruntime).
+        out["detector"] = out["in-process"]["c1"].get("detector")
         out["import_s"] = out["in-process"]["c1"].get("import_s")
         out["gateway_rss_mb"] = gw.rss_mb()
         return out

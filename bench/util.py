@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -229,20 +231,26 @@ def spawn(
 
 def stop(proc: subprocess.Popen, grace: float = 8.0, sig: int = signal.SIGTERM) -> None:
     """End ``proc`` and everything it started: ``sig`` first, SIGKILL after ``grace``."""
-    tree = descendants(proc.pid) if proc.poll() is None else []
+    tree = descendants(proc.pid)[1:] if proc.poll() is None else []  # what it started
     if proc.poll() is None:
         with contextlib.suppress(OSError):
             os.kill(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-    # Whatever it started and did not stop (replicas, Ray's processes) goes now.
-    for pid in [proc.pid, *tree]:
+    # Whatever it started and did not stop (replicas, Ray's processes) goes now; its own pid
+    # only while it is not reaped (once reaped, the pid may be another process's).
+    for pid in ([proc.pid] if proc.poll() is None else []) + tree:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
     with contextlib.suppress(ValueError):
         _procs.remove(proc)
+
+
+def kill(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def stop_all() -> None:
@@ -265,6 +273,74 @@ def install_cleanup() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGHUP, on_term)
+
+
+def read_json_line(
+    proc: subprocess.Popen, tag: bytes, timeout: float, what: str, log: Path | None = None
+) -> dict:
+    """The ``TAG {json}`` line a helper process prints once it is ready (``proc.stdout`` piped).
+
+    Raises with the tail of its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            code = proc.wait()
+            raise RuntimeError(f"{what} exited with {code} before it was ready: {tail}")
+        if line.startswith(tag + b" "):
+            return json.loads(line[len(tag) + 1 :])
+    raise RuntimeError(f"{what} did not become ready in {timeout:g} s")
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot): with its pid, names it unambiguously."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+
+
+def still_running(procs: dict[int, int | None]) -> list[int]:
+    """Which of ``{pid: start_time}`` are still the same processes, alive (zombies count not)."""
+    alive = []
+    for pid, started in procs.items():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and start_time(pid) == started:
+            alive.append(pid)
+    return alive
+
+
+def non_loopback_connections(pids: Iterable[int]) -> list[str]:
+    """Established TCP connections of ``pids`` with an end outside 127.0.0.0/8 and ::1."""
+    wanted = set(pids)
+    try:
+        out = subprocess.run(["ss", "-Htnp"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [f"ss failed: {exc}"]
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        fields = line.split()
+        if not owners & wanted or len(fields) < 5:
+            continue
+        for end in fields[3:5]:
+            host = end.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                found.append(line.strip())
+                break
+    return found
 
 
 # -- a shared machine -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from dcf.cli.keys import keys
-from dcf.cli.options import client_for, fail, gateway_option, write_answer
+from dcf.cli.options import client_for, fail, gateway_option, print_table, write_answer
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -193,9 +193,7 @@ def list_functions(gateway: str | None, token: str | None) -> None:
         rows.append(
             (f["name"], image, f["maintainer"] or "-", str(f["invocations"]), replicas, f["status"])
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
 
 
 @function.command()

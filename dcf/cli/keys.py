@@ -6,7 +6,7 @@ import time
 
 import click
 
-from dcf.cli.options import client_for, gateway_option
+from dcf.cli.options import client_for, gateway_option, print_table
 
 
 @click.group()
@@ -47,9 +47,7 @@ def list_keys(name: str, gateway: str | None, token: str | None) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key["created_at"]))
         status = "revoked" if key["revoked"] else "active"
         rows.append((key["id"], key["rate"] or "unlimited", created, status))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
 
 
 @keys.command()

@@ -57,6 +57,13 @@ def client_for(
         client.close()
 
 
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows (the first one the header) in columns as wide as their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
