@@ -29,9 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from detector import (
+    BatchDetector,
     Detection,
     SSDConfigError,
-    as_bgr,
     clip_coordinate,
     load_labels,
     parse_threshold,
@@ -155,7 +155,7 @@ def non_max_suppression(
     return keep
 
 
-class CocoSSD:
+class CocoSSD(BatchDetector):
     """Loads the ONNX model once; ``detect_batch`` runs a whole batch as one forward pass."""
 
     def __init__(self, config: CocoConfig, max_batch: int = 16) -> None:
@@ -203,10 +203,6 @@ class CocoSSD:
     def from_env(cls, env: Mapping[str, str] | None = None, max_batch: int = 16) -> CocoSSD:
         return cls(CocoConfig.from_env(env), max_batch)
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.config.labels
-
     def _forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Boxes and scores for up to ``max_batch`` BGR images."""
         height, width = self.input_size
@@ -218,40 +214,15 @@ class CocoSSD:
             boxes, scores = self.session.run(None, {self.input_name: batch})
         return boxes, scores
 
-    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[Detection]:
-        """Detections in one BGR image; the same as the image would get in a batch."""
-        return self.detect_batch([image], threshold)[0]
-
-    def detect_batch(
+    def _detections(
         self,
-        images: Sequence[np.ndarray],
-        threshold: float | Sequence[float | None] | None = None,
-    ) -> list[list[Detection]]:
-        """One list of detections per image, most confident first.
-
-        ``threshold`` is one value for all images or one per image; ``None`` means
-        ``SSD_SCORE_THRESHOLD``. Boxes are in pixels of each image, clipped to it.
-        """
-        images = [as_bgr(image) for image in images]
-        if threshold is None or isinstance(threshold, int | float):
-            thresholds = [threshold] * len(images)
-        else:
-            thresholds = list(threshold)
-            if len(thresholds) != len(images):
-                raise ValueError(f"{len(thresholds)} thresholds for {len(images)} images")
-        default = self.config.score_threshold
-        thresholds = [default if t is None else float(t) for t in thresholds]
-        results: list[list[Detection]] = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch]
-            boxes, scores = self._forward(chunk)
-            for index, image in enumerate(chunk):
-                results.append(
-                    self._to_detections(
-                        boxes[index], scores[index], image.shape, thresholds[start + index]
-                    )
-                )
-        return results
+        outputs: tuple[np.ndarray, np.ndarray],
+        index: int,
+        shape: tuple[int, ...],
+        threshold: float,
+    ) -> list[Detection]:
+        boxes, scores = outputs
+        return self._to_detections(boxes[index], scores[index], shape, threshold)
 
     def _to_detections(
         self, boxes: np.ndarray, scores: np.ndarray, shape: tuple[int, ...], threshold: float
@@ -290,10 +261,3 @@ class CocoSSD:
                 }
             )
         return sort_detections(found)
-
-    def _name(self, class_id: int) -> str:
-        labels = self.config.labels
-        if 0 <= class_id < len(labels) and labels[class_id]:
-            return labels[class_id]
-        return f"class_{class_id}"
-

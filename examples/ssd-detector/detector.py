@@ -201,7 +201,68 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
 
 
-class SSDDetector:
+class BatchDetector:
+    """What every SSD here shares: per-image thresholds, batches cut to ``max_batch``
+    forward passes, class names. A subclass loads its model and says how to run a
+    batch (``_forward``) and read one image's detections out of it (``_detections``)."""
+
+    config: Any  # has ``labels`` and ``score_threshold``
+    max_batch: int
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.config.labels
+
+    def _forward(self, images: Sequence[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def _detections(
+        self, outputs: Any, index: int, shape: tuple[int, ...], threshold: float
+    ) -> list[Detection]:
+        raise NotImplementedError
+
+    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[Detection]:
+        """Detections in one BGR image; same numbers as the image would get in a batch."""
+        return self.detect_batch([image], threshold)[0]
+
+    def detect_batch(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float | Sequence[float | None] | None = None,
+    ) -> list[list[Detection]]:
+        """One list of detections per image, each sorted by confidence, highest first.
+
+        ``threshold`` is one value for all images or one per image; ``None`` means
+        the configured ``SSD_SCORE_THRESHOLD``. Boxes are in pixels of each input
+        image, clipped to it.
+        """
+        images = [as_bgr(image) for image in images]
+        if threshold is None or isinstance(threshold, int | float):
+            thresholds = [threshold] * len(images)
+        else:
+            thresholds = list(threshold)
+            if len(thresholds) != len(images):
+                raise ValueError(f"{len(thresholds)} thresholds for {len(images)} images")
+        default = self.config.score_threshold
+        thresholds = [default if t is None else float(t) for t in thresholds]
+        results: list[list[Detection]] = []
+        for start in range(0, len(images), self.max_batch):
+            chunk = images[start : start + self.max_batch]
+            outputs = self._forward(chunk)
+            for index, image in enumerate(chunk):
+                results.append(
+                    self._detections(outputs, index, image.shape, thresholds[start + index])
+                )
+        return results
+
+    def _name(self, class_id: int) -> str:
+        labels = self.config.labels
+        if 0 <= class_id < len(labels) and labels[class_id]:
+            return labels[class_id]
+        return f"class_{class_id}"
+
+
+class SSDDetector(BatchDetector):
     """Loads the network once; ``detect_batch`` runs a whole batch as one forward pass."""
 
     def __init__(self, config: SSDConfig, max_batch: int = 16) -> None:
@@ -235,10 +296,6 @@ class SSDDetector:
         """The detector the ``SSD_*`` environment variables describe."""
         return cls(SSDConfig.from_env(env))
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.config.labels
-
     def _forward(self, images: Sequence[np.ndarray]) -> np.ndarray:
         cfg = self.config
         blob = cv2.dnn.blobFromImages(
@@ -248,38 +305,11 @@ class SSDDetector:
             self.net.setInput(blob)
             return self.net.forward()
 
-    def detect(self, image: np.ndarray, threshold: float | None = None) -> list[Detection]:
-        """Detections in one BGR image; same numbers as the image would get in a batch."""
-        return self.detect_batch([image], threshold)[0]
-
-    def detect_batch(
-        self,
-        images: Sequence[np.ndarray],
-        threshold: float | Sequence[float | None] | None = None,
-    ) -> list[list[Detection]]:
-        """One list of detections per image, each sorted by confidence, highest first.
-
-        ``threshold`` is one value for all images or one per image; ``None`` means
-        the configured ``SSD_SCORE_THRESHOLD``. Boxes are in pixels of each input
-        image, clipped to it.
-        """
-        images = [as_bgr(image) for image in images]
-        if threshold is None or isinstance(threshold, int | float):
-            thresholds = [threshold] * len(images)
-        else:
-            thresholds = list(threshold)
-            if len(thresholds) != len(images):
-                raise ValueError(f"{len(thresholds)} thresholds for {len(images)} images")
-        default = self.config.score_threshold
-        thresholds = [default if t is None else float(t) for t in thresholds]
-        results: list[list[Detection]] = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch]
-            rows = self._forward(chunk).reshape(-1, 7)
-            for index, image in enumerate(chunk):
-                mine = rows[rows[:, 0] == index]
-                results.append(self._to_detections(mine, image.shape, thresholds[start + index]))
-        return results
+    def _detections(
+        self, outputs: np.ndarray, index: int, shape: tuple[int, ...], threshold: float
+    ) -> list[Detection]:
+        rows = outputs.reshape(-1, 7)
+        return self._to_detections(rows[rows[:, 0] == index], shape, threshold)
 
     def _to_detections(
         self, rows: np.ndarray, shape: tuple[int, ...], threshold: float
@@ -311,12 +341,6 @@ class SSDDetector:
                 }
             )
         return sort_detections(found)
-
-    def _name(self, class_id: int) -> str:
-        labels = self.config.labels
-        if 0 <= class_id < len(labels) and labels[class_id]:
-            return labels[class_id]
-        return f"class_{class_id}"
 
 
 def clip_coordinate(value: float, side: int) -> int:
