@@ -193,6 +193,31 @@ def test_replicas_spread_over_nodes_and_serve(rgw: GatewayProcess, tmp_path: Pat
     wait_until(lambda: all(refuses(a) for a in addresses))
 
 
+FORKER = """
+import subprocess
+
+def Handler(req):
+    child = subprocess.Popen(["sleep", "300"])
+    return {"child": child.pid}
+"""
+
+
+def test_what_a_handler_forked_ends_with_its_replica(rgw: GatewayProcess, tmp_path: Path) -> None:
+    deploy(rgw, tmp_path, "forker", FORKER, requests={"cpu": "0.25"})
+    with rgw.http() as http:
+        child = http.post("/function/forker").json()["child"]
+    assert Path(f"/proc/{child}").exists()
+    rgw.dcf("function", "delete", "forker", check=True)
+    wait_until(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), timeout=15)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_a_connection_without_the_secret_is_refused(rgw: GatewayProcess, tmp_path: Path) -> None:
     info = deploy(rgw, tmp_path, "guarded", ECHO, requests={"cpu": "0.5"})
     host, port = info["replicas"]["list"][0]["address"].removeprefix("tcp://").rsplit(":", 1)

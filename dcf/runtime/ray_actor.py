@@ -18,7 +18,6 @@ import gc
 import io
 import os
 import shutil
-import signal
 import sys
 import tarfile
 import tempfile
@@ -161,25 +160,13 @@ class ReplicaActor:
         if self._server is not None:
             self._server.close()
         # ray.kill ends this process only: what a handler forked would outlive it.
-        kill_descendants(os.getpid())
+        kill_descendants()
 
 
-def kill_descendants(root: int) -> None:
-    """SIGKILL every process below ``root`` (Linux /proc; elsewhere nothing happens)."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    pending = list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        pending.extend(children.get(pid, []))
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, and theirs."""
+    import psutil  # Ray ships it to every node (ray/thirdparty_files)
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
