@@ -218,6 +218,29 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def test_spread_holds_as_replicas_come_later_and_pack_keeps_them_together(
+    rgw: GatewayProcess, tmp_path: Path
+) -> None:
+    deploy(rgw, tmp_path, "grower", ECHO, requests={"cpu": "0.25"})
+    rgw.dcf("function", "scale", "grower", "--min", "3", "--max", "3", check=True)
+    listed = all_ready(rgw, "grower", 3)["replicas"]["list"]
+    assert len({r["node"] for r in listed}) == 3, listed
+
+    deploy(
+        rgw,
+        tmp_path,
+        "packed",
+        ECHO,
+        requests={"cpu": "0.25"},
+        placement="pack",
+        replicas={"min": 3, "max": 3},
+    )
+    listed = all_ready(rgw, "packed", 3)["replicas"]["list"]
+    assert len({r["node"] for r in listed}) == 1, listed
+    for name in ("grower", "packed"):
+        rgw.dcf("function", "delete", name, check=True)
+
+
 def test_a_connection_without_the_secret_is_refused(rgw: GatewayProcess, tmp_path: Path) -> None:
     info = deploy(rgw, tmp_path, "guarded", ECHO, requests={"cpu": "0.5"})
     host, port = info["replicas"]["list"][0]["address"].removeprefix("tcp://").rsplit(":", 1)

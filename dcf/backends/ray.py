@@ -170,6 +170,8 @@ class RayReplica:
         self.address = ""
         self.secret: bytes | None = backend.secret
         self.node = "pending"
+        self.counted: str | None = None
+        """The node the backend counts it on."""
         self.node_ip: str | None = None
         self.pid: int | None = None
         self.detail: str | None = "waiting for the cluster to place it and set up its environment"
@@ -249,6 +251,9 @@ class RayBackend:
         self._archives: dict[str, asyncio.Task[tuple[Any, str]]] = {}
         self._archive_users: Counter[str] = Counter()
         self._nodes: dict[str, Counter[str]] = {}
+        """Replicas of each function on each node (where they were sent, then where they are)."""
+        self._load: Counter[str] = Counter()
+        """This gateway's replicas on each node."""
         self._live: set[RayReplica] = set()
 
     async def start(self, spec: ReplicaSpec, log: LogSink) -> RayReplica:
@@ -264,8 +269,13 @@ class RayBackend:
             "resources": dict(spec.resources),
             "max_restarts": 0,  # the gateway replaces replicas itself
             "max_task_retries": 0,
-            "scheduling_strategy": self._strategy(spec),
         }
+        target = self._choose(spec, demand, nodes)
+        if target is not None:
+            # Soft, and spilling when the node is busy: a preference, never a wait.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                target, soft=True, _spill_on_unavailable=True
+            )
         if spec.memory:
             options["memory"] = spec.memory
         if spec.requirements:
@@ -276,19 +286,43 @@ class RayBackend:
         payload["code_name"] = code_name
         actor = self._actor_class.options(**options).remote(payload, self.secret)
         replica = RayReplica(spec, actor, actor.start.remote(archive), self)
+        self._count(replica, target)
         self._archive_users[spec.code_dir] += 1
         self._live.add(replica)
         replica.watch(log)
         return replica
 
-    def _strategy(self, spec: ReplicaSpec) -> Any:
+    def _choose(self, spec: ReplicaSpec, demand: dict[str, float], nodes: list[dict]) -> str | None:
+        """The node a new replica should go to, or None to let Ray choose.
+
+        Ray's own SPREAD turns round-robin over every actor of the cluster, so
+        two replicas of one function can share a node while another is idle;
+        the choice is made here instead, from the replicas this gateway placed.
+        spread: the node with the fewest replicas of the function (then the
+        fewest of all). pack: the one with the most (then the most of all).
+        """
+        fits = [
+            n["NodeID"]
+            for n in nodes
+            if n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in demand.items())
+        ]
+        if not fits:
+            return None
+        mine = self._nodes.get(spec.function, Counter())
         if spec.placement == "pack":
-            nodes = self._nodes.get(spec.function)
-            if nodes:
-                node, _ = nodes.most_common(1)[0]
-                return NodeAffinitySchedulingStrategy(node, soft=True)
-            return "DEFAULT"
-        return "SPREAD"
+            return max(fits, key=lambda node: (mine[node], self._load[node]))
+        return min(fits, key=lambda node: (mine[node], self._load[node]))
+
+    def _count(self, replica: RayReplica, node: str | None) -> None:
+        """Move the replica's count to ``node`` (None: not counted anywhere)."""
+        function = replica._spec.function
+        if replica.counted is not None:
+            self._nodes[function][replica.counted] -= 1
+            self._load[replica.counted] -= 1
+        replica.counted = node
+        if node is not None:
+            self._nodes.setdefault(function, Counter())[node] += 1
+            self._load[node] += 1
 
     async def _archive(self, code_dir: str, spec: ReplicaSpec) -> tuple[Any, str]:
         """The code as one object in Ray's store, shared by every replica of the version."""
@@ -300,15 +334,15 @@ class RayBackend:
         return await asyncio.shield(task)
 
     def _placed(self, replica: RayReplica) -> None:
-        self._nodes.setdefault(replica._spec.function, Counter())[replica.node] += 1
+        if replica.node != replica.counted:  # Ray spilled it elsewhere
+            self._count(replica, replica.node)
 
     def _release(self, replica: RayReplica) -> None:
         if replica not in self._live:
             return
         self._live.discard(replica)
         spec = replica._spec
-        if replica.node != "pending":
-            self._nodes.get(spec.function, Counter())[replica.node] -= 1
+        self._count(replica, None)
         self._archive_users[spec.code_dir] -= 1
         if self._archive_users[spec.code_dir] <= 0:
             del self._archive_users[spec.code_dir]
