@@ -9,8 +9,8 @@ import pytest
 
 import dcf
 from dcf.config import ConfigError, load_project, parse_duration, parse_function, parse_memory
-from dcf.gateway.builder import env_hash, normalise
-from dcf.gateway.router import CallError, Pool, ReplicaLink
+from dcf.gateway.build.environments import env_hash, normalise
+from dcf.gateway.routing.router import CallError, Pool, ReplicaLink
 from dcf.runtime.batching import Batcher, BatchOptions
 from dcf.runtime.handler import Invoker, render
 
@@ -228,7 +228,7 @@ def test_results_render_by_type():
 
 
 def test_latency_quantiles_cover_the_recent_window_and_the_lifetime():
-    from dcf.gateway.metrics import Metrics
+    from dcf.gateway.observe.metrics import Metrics
 
     metrics = Metrics()
     for _ in range(100):

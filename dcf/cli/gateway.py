@@ -12,7 +12,7 @@ import click
 from dcf.cli.limit_options import with_limits
 
 if TYPE_CHECKING:
-    from dcf.gateway.jobs import JobSettings
+    from dcf.gateway.jobs.api import JobSettings
     from dcf.gateway.limits import Limits
 
 
@@ -154,8 +154,8 @@ def _job_settings(
 ) -> JobSettings:
     """The job store's limits from the flags, or a one-line usage error naming the flag."""
     from dcf.config import parse_duration, parse_memory
-    from dcf.gateway.callbacks import AllowList
-    from dcf.gateway.jobs import JobSettings
+    from dcf.gateway.jobs.api import JobSettings
+    from dcf.gateway.jobs.callbacks import AllowList
 
     def parse(flag: str, parser, value: str):  # noqa: ANN001, ANN202
         try:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from dcf import __version__
 from dcf.config import RUNTIMES, ConfigError, parse_function
-from dcf.gateway.functions import FunctionError, FunctionManager
+from dcf.gateway.lifecycle.functions import FunctionError, FunctionManager
 
 NDJSON = "application/x-ndjson"
 

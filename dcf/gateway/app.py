@@ -19,20 +19,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcf import __version__
 from dcf.backends import create_backend
-from dcf.gateway.admission import Admission, deploy_body_limit
 from dcf.gateway.api import build_router
-from dcf.gateway.autoscaler import Autoscaler
 from dcf.gateway.body_timeout import BodyClock
-from dcf.gateway.functions import FunctionError, FunctionManager
-from dcf.gateway.invoke import ASYNC_PREFIX, PREFIX, Invoke
-from dcf.gateway.jobs import Jobs, JobSettings
-from dcf.gateway.keys import Guard
-from dcf.gateway.keys_api import build_keys_router
+from dcf.gateway.jobs.api import Jobs, JobSettings
+from dcf.gateway.lifecycle.autoscaler import Autoscaler
+from dcf.gateway.lifecycle.functions import FunctionError, FunctionManager
 from dcf.gateway.limits import Limits
-from dcf.gateway.logs import LogStore
-from dcf.gateway.metrics import Metrics
+from dcf.gateway.observe.logs import LogStore
+from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.openapi import install as install_openapi
+from dcf.gateway.routing.invoke import ASYNC_PREFIX, PREFIX, Invoke
 from dcf.gateway.rundir import RunDir
+from dcf.gateway.security.admission import Admission, deploy_body_limit
+from dcf.gateway.security.keys import Guard
+from dcf.gateway.security.keys_api import build_keys_router
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 32 << 20

@@ -138,7 +138,7 @@ class Registry:
         self._db.execute("DELETE FROM versions WHERE name = ?", (name,))
         self._db.execute("DELETE FROM function_keys WHERE function = ?", (name,))
 
-    # function keys (dcf.gateway.keys) ---------------------------------------------
+    # function keys (dcf.gateway.security.keys) ---------------------------------------------
 
     def function_keys(self) -> list[dict]:
         rows = self._db.execute(

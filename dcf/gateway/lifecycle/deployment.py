@@ -21,9 +21,9 @@ from pathlib import Path
 
 from dcf.backends import Backend, Replica, ReplicaFailed, ReplicaSpec
 from dcf.config import FunctionSpec
-from dcf.gateway.builder import normalise
+from dcf.gateway.build.environments import normalise
 from dcf.gateway.limits import Limits
-from dcf.gateway.router import Pool, ReplicaLink
+from dcf.gateway.routing.router import Pool, ReplicaLink
 
 Log = Callable[[str, str], None]
 """(source, message) → the function's log."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dcf.config import FunctionSpec
-    from dcf.gateway.registry import Registry
+    from dcf.gateway.lifecycle.registry import Registry
 
 _PREFIXES = ("/function/", "/async-function/")
 KEY_HEADER = b"x-dcf-key"

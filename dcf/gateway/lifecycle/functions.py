@@ -19,15 +19,20 @@ from pathlib import Path
 
 from dcf.backends import Backend, ReplicaFailed
 from dcf.config import FunctionSpec
-from dcf.gateway.build_steps import BuildSteps
-from dcf.gateway.builder import Builder, BuildError, RequirementsError, check_requirements
-from dcf.gateway.deployment import Deployment
+from dcf.gateway.build.environments import (
+    Builder,
+    BuildError,
+    RequirementsError,
+    check_requirements,
+)
+from dcf.gateway.build.steps import BuildSteps
+from dcf.gateway.build.unpack import ArchiveRefused, unpack
+from dcf.gateway.lifecycle.deployment import Deployment
+from dcf.gateway.lifecycle.registry import FunctionRecord, Registry
 from dcf.gateway.limits import Limits
-from dcf.gateway.logs import LogStore
-from dcf.gateway.metrics import Metrics
-from dcf.gateway.registry import FunctionRecord, Registry
-from dcf.gateway.router import Pool
-from dcf.gateway.unpack import ArchiveRefused, unpack
+from dcf.gateway.observe.logs import LogStore
+from dcf.gateway.observe.metrics import Metrics
+from dcf.gateway.routing.router import Pool
 
 Progress = Callable[[str], None]
 REDACTED = "***"
@@ -102,7 +107,7 @@ class FunctionManager:
         """Names whose upload is being unpacked (a second deploy of one is refused)."""
         _remove_trash(self.code_root)
         # Told the spec that governs calls to a function (None once it is gone), before
-        # any call can reach it: the gateway's function keys (keys.py) listen here.
+        # any call can reach it: the gateway's function keys (security/keys.py) listen here.
         self.on_spec: Callable[[str, FunctionSpec | None], None] = lambda _name, _spec: None
 
     # reading ----------------------------------------------------------------

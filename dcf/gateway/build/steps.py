@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dcf.backends.environment import clean_environment
 from dcf.config import FunctionSpec
-from dcf.gateway.builder import BuildError
+from dcf.gateway.build.environments import BuildError
 
 Log = Callable[[str], None]
 TAIL_LINES = 20

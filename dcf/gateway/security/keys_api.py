@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from dcf.gateway.api import require_token
-from dcf.gateway.functions import FunctionError, FunctionManager
-from dcf.gateway.keys import Guard, Key, TooManyKeys
+from dcf.gateway.lifecycle.functions import FunctionError, FunctionManager
+from dcf.gateway.security.keys import Guard, Key, TooManyKeys
 
 _ERRORS = {
     400: {"description": "Malformed request (e.g. a rate that is not one)"},

@@ -7,7 +7,7 @@ import math
 import time
 from collections import deque
 
-from dcf.gateway.functions import FunctionManager, FunctionState
+from dcf.gateway.lifecycle.functions import FunctionManager, FunctionState
 
 INTERVAL = 0.25
 

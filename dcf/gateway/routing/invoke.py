@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from dcf.gateway.body_timeout import BodyClock, BodyTimeout, BodyTooLarge, read_all
-from dcf.gateway.metrics import Metrics
-from dcf.gateway.router import CallError, Pool, Result
+from dcf.gateway.observe.metrics import Metrics
+from dcf.gateway.routing.router import CallError, Pool, Result
 
 if TYPE_CHECKING:
-    from dcf.gateway.keys import Guard
+    from dcf.gateway.security.keys import Guard
 
 PREFIX = "/function/"
 ASYNC_PREFIX = "/async-function/"
@@ -90,7 +90,7 @@ class Invoke:
         self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
-        # Function keys, and credentials out of the headers, for every path (keys.py).
+        # Function keys, and credentials out of the headers, for every path (security/keys.py).
         refused = self.guard.admit(scope)
         if refused is not None:
             await send_json(send, *refused)

@@ -1,6 +1,6 @@
 """Durable async invocation: ``/async-function/{name}[/path]`` and ``/async-function/jobs/{id}``.
 
-A job is written to the store (job_store.py) before its 202, and runs at least
+A job is written to the store (store.py) before its 202, and runs at least
 once: one that was running when the gateway stopped, or died, runs again when it
 starts. Jobs go through the function's pool like sync calls, so they obey its
 queue, concurrency and scaling; at most the pool's capacity plus half its queue
@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dcf.gateway.callbacks import DEFAULT_ALLOW, AllowList, CallbackRefused, Deliverer
-from dcf.gateway.invoke import _DROP, _FRAMING, ASYNC_PREFIX, BodyTooLarge, read_body, send_json
-from dcf.gateway.job_store import (
+from dcf.gateway.jobs.callbacks import DEFAULT_ALLOW, AllowList, CallbackRefused, Deliverer
+from dcf.gateway.jobs.store import (
     DONE,
     EXPIRED,
     FAILED,
@@ -35,13 +34,21 @@ from dcf.gateway.job_store import (
     Job,
     JobStore,
 )
-from dcf.gateway.router import CallError
+from dcf.gateway.routing.invoke import (
+    _DROP,
+    _FRAMING,
+    ASYNC_PREFIX,
+    BodyTooLarge,
+    read_body,
+    send_json,
+)
+from dcf.gateway.routing.router import CallError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from dcf.gateway.functions import FunctionManager
-    from dcf.gateway.metrics import Metrics
+    from dcf.gateway.lifecycle.functions import FunctionManager
+    from dcf.gateway.observe.metrics import Metrics
 
 T = TypeVar("T")
 JOBS = "jobs/"

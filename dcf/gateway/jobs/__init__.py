@@ -1,0 +1,1 @@
+"""Durable async invocation: the API, the store, and the callbacks."""

@@ -1,0 +1,1 @@
+"""The function lifecycle: desired state, running versions, their replicas and their scale."""
