@@ -18,6 +18,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+NODE_IP = "127.0.0.2"
+"""Every test Ray node, and the gateway's driver, on loopback (Ray rewrites 127.0.0.1)."""
+FAST_HEALTH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 4,
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -184,3 +193,32 @@ ECHO = """
 def Handler(req):
     return req.input
 """
+
+
+def ray_worker(cluster, name: str, **args: object):  # noqa: ANN001, ANN201 - ray's types
+    """A worker node with 2 CPUs and a custom resource named after it."""
+    return cluster.add_node(num_cpus=2, resources={name: 1}, node_ip_address=NODE_IP, **args)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator:
+    """One real multi-node Ray cluster for every module that tests the ray backend: a head
+    with no CPUs and three workers, all on loopback, with health checks fast enough to see
+    a node die in ~2 s. A test that removes a node adds one back."""
+    pytest.importorskip("ray", reason="the ray backend's tests need pip install -e '.[ray]'")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "node_ip_address": NODE_IP,
+            "include_dashboard": False,
+            "_system_config": FAST_HEALTH,
+        },
+    )
+    for i in range(3):
+        ray_worker(cluster, f"worker{i}")
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()

@@ -1,6 +1,6 @@
 """The ray backend on a real multi-node Ray cluster, driven through the CLI and HTTP.
 
-One cluster for the module (``ray.cluster_utils.Cluster``): a head with no CPUs
+The session's cluster (``cluster`` in conftest.py, ``ray.cluster_utils.Cluster``): a head with no CPUs
 and worker nodes with distinct custom resources, every node on 127.0.0.2 so no
 traffic leaves loopback, with health checks fast enough to see a node die in ~2 s.
 """
@@ -19,18 +19,18 @@ import httpx
 import pytest
 
 from dcf import wire
-from tests.conftest import ECHO, REPO, GatewayProcess, deploy, write_function
+from tests.conftest import (
+    ECHO,
+    NODE_IP,
+    REPO,
+    GatewayProcess,
+    deploy,
+    ray_worker,
+    write_function,
+)
 
 ray = pytest.importorskip("ray", reason="the ray backend's tests need pip install -e '.[ray]'")
 from ray.cluster_utils import Cluster  # noqa: E402
-
-NODE_IP = "127.0.0.2"
-FAST_HEALTH = {
-    "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 500,
-    "health_check_timeout_ms": 500,
-    "health_check_failure_threshold": 4,
-}
 
 SLOW_ECHO = """
 import time
@@ -48,28 +48,6 @@ print("replica says hello", flush=True)
 def Handler(req):
     return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
 """
-
-
-def _worker(cluster: Cluster, name: str, **args: object):
-    return cluster.add_node(num_cpus=2, resources={name: 1}, node_ip_address=NODE_IP, **args)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "node_ip_address": NODE_IP,
-            "include_dashboard": False,
-            "_system_config": FAST_HEALTH,
-        },
-    )
-    for i in range(3):
-        _worker(cluster, f"worker{i}")
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +415,7 @@ def test_a_lost_node_fails_only_its_calls(
     assert all(at < replaced_at for at, _, _ in caller.failures)
     assert caller.ok > served, "calls stopped after the replacement"
     print(f"replacement ready {replaced_at - lost_at:.1f}s after the node was lost")
-    _worker(cluster, "worker-replacement")  # capacity back for the tests after this one
+    ray_worker(cluster, "worker-replacement")  # capacity back for the tests after this one
     rgw.dcf("function", "delete", "sturdy", check=True)
 
 
