@@ -102,6 +102,9 @@ class GatewayConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        # Nobody is left to read their answers: stop the work instead of finishing it.
+        for task in list(self._tasks):
+            task.cancel()
 
 
 async def open_server(

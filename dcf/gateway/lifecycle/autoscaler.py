@@ -6,7 +6,9 @@ import asyncio
 import math
 import time
 from collections import deque
+from weakref import WeakKeyDictionary
 
+from dcf.gateway.lifecycle.deployment import Deployment
 from dcf.gateway.lifecycle.functions import FunctionManager, FunctionState
 
 INTERVAL = 0.25
@@ -16,8 +18,9 @@ class Autoscaler:
     def __init__(self, manager: FunctionManager, interval: float = INTERVAL) -> None:
         self.manager = manager
         self.interval = interval
-        # Recent wants per deployment: scaling down waits for them all to be lower.
-        self._history: dict[int, deque[tuple[float, int]]] = {}
+        # Recent wants per deployment: scaling down waits for them all to be lower. Keyed
+        # by the deployment itself, so a stopped one's history goes with it.
+        self._history: WeakKeyDictionary[Deployment, deque[tuple[float, int]]] = WeakKeyDictionary()
 
     async def run(self) -> None:
         while True:
@@ -29,6 +32,8 @@ class Autoscaler:
     def step(self, state: FunctionState, now: float) -> None:
         live = state.live
         if live is None or live.failure or live.stopping:
+            if live is not None:
+                self._history.pop(live, None)
             return
         spec = live.spec
         low, high = state.record.min_replicas, state.record.max_replicas
@@ -38,7 +43,7 @@ class Autoscaler:
         want = min(max(math.ceil(load / per_replica), low), high)
         if load and want == 0:
             want = 1
-        history = self._history.setdefault(id(live), deque())
+        history = self._history.setdefault(live, deque())
         history.append((now, want))
         while history and history[0][0] < now - spec.replicas.scale_down_delay:
             history.popleft()

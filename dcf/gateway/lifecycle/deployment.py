@@ -129,12 +129,22 @@ class Deployment:
     def _retire(self, member: Member) -> None:
         member.retiring = True
         if member.link is not None:
-            self.pool.remove(member.link)
+            # New calls go elsewhere; the connection stays open for the calls on it.
+            self.pool.withdraw(member.link)
         asyncio.get_running_loop().create_task(self._stop_member(member))
 
     async def _stop_member(self, member: Member) -> None:
-        while member.link is not None and member.link.inflight:
-            await asyncio.sleep(0.02)
+        link = member.link
+        if link is not None:
+            # Every call admitted before the retire has met its deadline by then.
+            left = await self.pool.settled(link, self.spec.timeout)
+            if left:
+                self.log(
+                    "gateway",
+                    f"replica {member.id} stopped with {left} call{'s' if left > 1 else ''}"
+                    f" still in it after the timeout of {self.spec.timeout:g}s",
+                )
+            self.pool.remove(link)
         if member.replica is not None:
             await member.replica.stop()
         elif member.task is not None:
@@ -175,6 +185,12 @@ class Deployment:
                 f"replica {member.id} was not ready within the start timeout of"
                 f" {self.spec.start_timeout:g}s{waiting}"
             ) from None
+        except ReplicaFailed:
+            raise
+        except Exception as exc:
+            # Whatever went wrong, the replica may be running: it must not outlive the failure.
+            await replica.stop(grace=1.0)
+            raise ReplicaFailed(_unexpected(member.id, exc)) from exc
         return replica
 
     async def _run(self, member: Member) -> None:
@@ -187,6 +203,9 @@ class Deployment:
                     replica = await self._start(member)
                 except ReplicaFailed as exc:
                     self._fail(member, exc.reason)
+                    return
+                except Exception as exc:  # noqa: BLE001 - any other start error fails too
+                    self._fail(member, _unexpected(member.id, exc))
                     return
                 if self.stopping or member.retiring:
                     await replica.stop()
@@ -266,7 +285,13 @@ class Deployment:
         self.stopping = True
         self.pool.unavailable = "the function is being removed"
         if drain:
-            await self.pool.drained()
+            left = await self.pool.drained(self.spec.timeout)
+            if left:
+                self.log(
+                    "gateway",
+                    f"version {self.version} stopped with {left} call{'s' if left > 1 else ''}"
+                    f" still in it after the timeout of {self.spec.timeout:g}s",
+                )
         members = list(self.members.values())
         for member in members:
             if member.link is not None:
@@ -280,6 +305,11 @@ class Deployment:
                 member.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await member.task
+
+
+def _unexpected(replica_id: str, exc: BaseException) -> str:
+    """The reason for a start that failed in a way the backend did not name."""
+    return f"replica {replica_id} could not be started: {type(exc).__name__}: {exc}"
 
 
 def _read(path: Path) -> str:

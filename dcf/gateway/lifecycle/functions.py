@@ -263,17 +263,7 @@ class FunctionManager:
             run_dir = code_dir
             if spec.build:
                 run_dir = await self.build_steps.build(code_dir, spec, env_digest, python, log)
-            deployment = Deployment(
-                spec,
-                version,
-                str(run_dir),
-                python,
-                self.backend,
-                lambda source, msg: self.logs.write(name, source, msg),
-                self.limits,
-            )
-            deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
-            deployment.pool.on_batch = self.metrics.batch_observer(name)
+            deployment = self._deployment(state, spec, version, run_dir, python)
             if state.live is None:
                 # Calls made while the first replica starts wait for it instead of failing.
                 self.routes[name] = deployment.pool
@@ -282,8 +272,10 @@ class FunctionManager:
             await deployment.wait_ready()
             self._switch(state, deployment, spec)
             log(f"{name} version {version} is ready")
-        except (BuildError, ReplicaFailed) as exc:
-            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, it is all undone
+            # A full disk, say: no reason is too odd to be told, or to leave state behind.
+            expected = isinstance(exc, (BuildError, ReplicaFailed))
+            reason = str(exc) if expected else f"the deploy failed: {type(exc).__name__}: {exc}"
             if deployment is not None:
                 await deployment.stop(drain=False)
             if state.live is not None:
@@ -312,7 +304,6 @@ class FunctionManager:
         state.live = deployment
         self.on_spec(state.name, spec)
         self.routes[state.name] = deployment.pool
-        deployment.pool.on_demand = lambda: self._on_demand(state)
         self.registry.set_live(
             state.name, deployment.version, spec.model_dump(mode="json"), min_r, max_r
         )
@@ -430,21 +421,30 @@ class FunctionManager:
             record.failure = f"could not restore after restart: {exc}"
             self.registry.set_failure(record.name, record.failure)
             return
+        deployment = self._deployment(state, spec, record.version, code_dir, python)
+        state.live = deployment
+        self.routes[record.name] = deployment.pool
+        deployment.scale(record.min_replicas)
+
+    def _deployment(
+        self, state: FunctionState, spec: FunctionSpec, version: int, code_dir: Path, python: str
+    ) -> Deployment:
+        """A version of ``state``'s function, wired to its log, metrics and lifecycle."""
+        name = state.name
         deployment = Deployment(
             spec,
-            record.version,
+            version,
             str(code_dir),
             python,
             self.backend,
-            lambda source, msg: self.logs.write(record.name, source, msg),
+            lambda source, msg: self.logs.write(name, source, msg),
             self.limits,
         )
         deployment.on_failure = lambda reason: self._on_failure(state, deployment, reason)
-        state.live = deployment
-        self.routes[record.name] = deployment.pool
+        deployment.pool.on_batch = self.metrics.batch_observer(name)
+        # It acts on the live version only, so it can be set before this one is live.
         deployment.pool.on_demand = lambda: self._on_demand(state)
-        deployment.pool.on_batch = self.metrics.batch_observer(state.name)
-        deployment.scale(record.min_replicas)
+        return deployment
 
     def flush(self) -> None:
         """Persist invocation counts (the hot path only counts in memory)."""

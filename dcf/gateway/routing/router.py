@@ -282,6 +282,18 @@ class Pool:
             self.replicas.remove(link)
         link.close()
 
+    def withdraw(self, link: ReplicaLink) -> None:
+        """Route no new call to ``link``; the calls on it go on (a replica retiring)."""
+        with contextlib.suppress(ValueError):
+            self.replicas.remove(link)
+
+    async def settled(self, link: ReplicaLink, within: float) -> int:
+        """Wait until ``link`` has no call in flight, or ``within`` seconds; the calls left."""
+        deadline = time.monotonic() + within
+        while link.inflight and not link.dead and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return 0 if link.dead else link.inflight
+
     @property
     def queued(self) -> int:
         return len(self.waiters)
@@ -427,7 +439,10 @@ class Pool:
             if not waiter.done():
                 waiter.set_exception(CallError(status, message))
 
-    async def drained(self) -> None:
-        """Wait until every call admitted to this pool has finished."""
-        while self.inflight:
+    async def drained(self, within: float) -> int:
+        """Wait until every call admitted to this pool has finished, or ``within`` seconds;
+        the calls left."""
+        deadline = time.monotonic() + within
+        while self.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        return self.inflight
