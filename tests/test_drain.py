@@ -130,9 +130,7 @@ def test_autoscaling_3_2_1_0_under_load_fails_no_call(gateway: GatewayProcess, t
     assert running.codes[200] > 20
 
 
-def test_stuck_call_delays_a_retire_by_at_most_the_timeout(
-    gateway: GatewayProcess, tmp_path: Path
-):
+def test_stuck_call_delays_a_retire_by_at_most_the_timeout(gateway: GatewayProcess, tmp_path: Path):
     deploy(gateway, tmp_path, "stuck", SLOW, replicas={"min": 2, "max": 2}, timeout="3s")
     codes: list[int] = []
 
