@@ -5,6 +5,9 @@ that fails in an unexpected way fails fast, says why and leaves nothing behind."
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from dcf import wire
 from tests.conftest import GatewayProcess, deploy, write_function
 
 SLOW = """
@@ -201,3 +205,41 @@ def test_oserror_during_deploy_leaves_nothing_half_done(gateway: GatewayProcess,
     assert info["failure"] and "requirements.txt" in info["failure"], info
     assert replica_pids("oserr") == []
     assert not (gateway.home / "functions" / "oserr").exists()
+
+
+ASYNC_MARK = """
+import asyncio, os
+async def Handler(req):
+    await asyncio.sleep(1.0)
+    with open(os.environ["MARK"], "w") as f:
+        f.write("ran")
+    return b"done"
+"""
+
+
+def test_replica_stops_the_calls_of_a_dropped_connection(tmp_path: Path) -> None:
+    """A real replica process: once the gateway's connection is gone, its calls end."""
+    (tmp_path / "handler.py").write_text(ASYNC_MARK)
+    address = str(tmp_path / "replica.sock")
+    mark = tmp_path / "mark"
+    env = {
+        **os.environ,
+        "HANDLER_DIR": str(tmp_path),
+        "DCF_LISTEN": address,
+        "MARK": str(mark),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "dcf.runtime"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(address):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(address)
+            sock.sendall(b"".join(wire.request_frame(1, "POST", "/", "", [], b"x")))
+            time.sleep(0.3)  # the call is running when the connection goes
+        time.sleep(2.0)
+        assert not mark.exists(), "the handler ran on after its connection was dropped"
+    finally:
+        proc.kill()
+        proc.wait()
