@@ -1,6 +1,6 @@
 """The ray backend on a real multi-node Ray cluster, driven through the CLI and HTTP.
 
-The session's cluster (``cluster`` in conftest.py, ``ray.cluster_utils.Cluster``): a head with no CPUs
+The session's cluster (``cluster`` in conftest.py): a head with no CPUs
 and worker nodes with distinct custom resources, every node on 127.0.0.2 so no
 traffic leaves loopback, with health checks fast enough to see a node die in ~2 s.
 """
