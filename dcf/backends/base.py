@@ -53,7 +53,7 @@ class Replica(Protocol):
     id: str
     address: str
     secret: bytes | None
-    """Sent as the first frame on every connection (TCP replicas); None for unix sockets."""
+    """Sent as the first frame on every connection; None only for a replica that needs none."""
     detail: str | None
     """What a replica that is not ready yet is waiting for, for ``info``."""
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -53,10 +54,13 @@ class LocalReplica:
         pumps: list[asyncio.Task[None]],
         release: list[str],
         backend: LocalBackend,
+        secret: bytes,
     ) -> None:
         self.id = spec.replica_id
         self.address = address
-        self.secret: bytes | None = None  # the socket sits in the gateway's private dir
+        # Even a socket in the gateway's private dir is reachable by another replica of
+        # the same OS user, so every connection must prove it is the gateway.
+        self.secret: bytes | None = secret
         self.detail: str | None = None
         self.pid = proc.pid
         self._proc = proc
@@ -104,8 +108,7 @@ class LocalReplica:
             pump.cancel()
         self._backend._release(self._gpus)
         self._gpus = []
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.address)
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
         if code < 0:
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
@@ -157,7 +160,11 @@ class LocalBackend:
 
     async def start(self, spec: ReplicaSpec, log: LogSink) -> LocalReplica:
         gpus = self._claim(spec.gpu, spec.function) if spec.gpu else []
-        address = os.path.join(self._run_dir, f"{spec.replica_id}.sock")
+        # Each replica's socket in a dir of its own, so a sandbox can be given only its own.
+        sock_dir = os.path.join(self._run_dir, spec.replica_id)
+        os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+        address = os.path.join(sock_dir, "wire.sock")
+        secret = secrets.token_bytes(32)
         # Not the gateway's environment: the basics, the function's own, then ours.
         env = clean_environment(spec.environment)
         env.update(
@@ -180,6 +187,11 @@ class LocalBackend:
             env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()
         env["DCF_STATUS_FD"] = str(write_fd)
+        # The secret travels in a pipe, not the environment (/proc/PID/environ shows that).
+        secret_read, secret_write = os.pipe()
+        os.write(secret_write, secret)
+        os.close(secret_write)
+        env["DCF_SECRET_FD"] = str(secret_read)
         try:
             proc = await asyncio.create_subprocess_exec(
                 spec.python,
@@ -190,7 +202,7 @@ class LocalBackend:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=spec.code_dir,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, secret_read),
                 start_new_session=True,
             )
         except OSError as exc:
@@ -199,6 +211,7 @@ class LocalBackend:
             raise ReplicaFailed(f"cannot start {spec.python}: {exc}") from None
         finally:
             os.close(write_fd)
+            os.close(secret_read)
         loop = asyncio.get_running_loop()
         status = asyncio.StreamReader()
         await loop.connect_read_pipe(
@@ -206,7 +219,7 @@ class LocalBackend:
         )
         assert proc.stdout is not None
         pumps = [loop.create_task(_pump(proc.stdout, spec.replica_id, log))]
-        return LocalReplica(spec, proc, address, status, pumps, gpus, self)
+        return LocalReplica(spec, proc, address, status, pumps, gpus, self, secret)
 
     async def close(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)

@@ -199,10 +199,10 @@ class ReplicaLink:
             host, port = self.address[len("tcp://") :].rsplit(":", 1)
             transport, opened = await loop.create_connection(channel, host, int(port))
             _keep_alive(transport.get_extra_info("socket"))
-            if self.secret is not None:
-                transport.writelines(wire.hello_frame(self.secret))
         else:
-            _, opened = await loop.create_unix_connection(channel, self.address)
+            transport, opened = await loop.create_unix_connection(channel, self.address)
+        if self.secret is not None:
+            transport.writelines(wire.hello_frame(self.secret))
         return opened
 
     async def channel(self) -> ReplicaChannel:
