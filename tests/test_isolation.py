@@ -7,6 +7,7 @@ the attack fails.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +69,66 @@ def test_another_replicas_socket_answers_no_forged_frame(
     assert Path(victim).parent.stat().st_mode & 0o777 == 0o700
     # The gateway itself still gets through.
     assert _call(process_gw, "victim", b'"ok"') == (200, "ok")
+
+
+SNOOP = """
+import os, glob
+
+def Handler(req):
+    out = {}
+    for name in req.input.decode().split(","):
+        try:
+            with open(name, "rb") as f:
+                out[name] = f.read(200).decode(errors="replace")
+        except OSError as exc:
+            out[name] = "ERR " + type(exc).__name__
+    out["_tmp"] = sorted(os.listdir("/tmp"))
+    with open("/tmp/mine.txt", "w") as f:
+        f.write("private")
+    out["_pid"] = os.getpid()
+    out["_own"] = os.path.exists(os.path.join(os.getcwd(), "handler.py"))
+    return out
+"""
+
+
+@pytest.fixture(scope="module")
+def sandbox_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    home = tmp_path_factory.mktemp("iso-sandbox") / "home"
+    gateway = GatewayProcess(home, extra=["--isolation", "sandbox"]).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_a_sandboxed_handler_sees_only_its_own_files(
+    sandbox_gw: GatewayProcess, tmp_path: Path
+) -> None:
+    deploy(sandbox_gw, tmp_path, "secretive", ECHO)
+    deploy(sandbox_gw, tmp_path, "snoop", SNOOP)
+    other = _info(sandbox_gw, "secretive")
+    home = sandbox_gw.home
+    victims = [
+        *home.glob("functions/secretive/*/handler.py"),
+        home / "dcf.db",
+        *home.rglob("jobs.db"),
+        Path(f"/proc/{sandbox_gw.proc.pid}/environ"),
+        Path(other["replicas"]["list"][0]["address"]),
+        Path("/etc/shadow"),
+    ]
+    assert len(victims) >= 5, victims
+    marker = Path("/tmp") / f"dcf-host-marker-{os.getpid()}"
+    marker.write_text("host")
+    try:
+        status, out = _call(sandbox_gw, "snoop", ",".join(map(str, victims)).encode())
+    finally:
+        marker.unlink()
+    assert status == 200, out
+    leaked = {k: v for k, v in out.items() if not k.startswith("_") and not v.startswith("ERR")}
+    assert all(v == "" for v in leaked.values()), f"read from the sandbox: {leaked}"
+    assert out["_own"] is True
+    # A private /tmp: none of the host's files (only the dirs its own mounts sit in).
+    assert marker.name not in out["_tmp"], out["_tmp"]
+    assert len(out["_tmp"]) <= 2, out["_tmp"]
+    assert not Path("/tmp/mine.txt").exists()
+    info = _info(sandbox_gw, "snoop")["replicas"]["list"][0]
+    assert info["isolation"] == "sandbox", info
+    assert info["limits"]["pids"] == "512", info

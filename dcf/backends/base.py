@@ -39,6 +39,14 @@ class ReplicaSpec:
     """Replicas of one function on different nodes (spread) or together (pack)."""
     requirements: tuple[str, ...] = ()
     """The function's requirements, for backends that install them where replicas run."""
+    cpu_limit: float | None = None
+    """Cores a sandboxed replica may use at most (a cgroup CPU quota)."""
+    pids: int | None = None
+    """Processes a sandboxed replica may run at once (default 512)."""
+    tmp_size: int | None = None
+    """Bytes of a sandboxed replica's private /tmp (default 1Gi)."""
+    network: str = "host"
+    """``none``: a sandboxed replica gets a network namespace of its own."""
 
 
 class ReplicaFailed(Exception):

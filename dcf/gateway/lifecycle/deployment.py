@@ -161,6 +161,10 @@ class Deployment:
             resources=dict(s.resources),
             placement=s.placement,
             requirements=self.requirements,
+            cpu_limit=s.limits.cpu,
+            pids=s.limits.pids,
+            tmp_size=s.limits.ephemeral_storage,
+            network=s.network,
         )
 
     async def _start(self, member: Member) -> Replica:
