@@ -132,3 +132,118 @@ def test_a_sandboxed_handler_sees_only_its_own_files(
     info = _info(sandbox_gw, "snoop")["replicas"]["list"][0]
     assert info["isolation"] == "sandbox", info
     assert info["limits"]["pids"] == "512", info
+
+
+HOG = """
+import mmap, os, signal
+
+GIB = 1 << 30
+
+def eat(how):
+    if how == "mmap":  # shared memory: not counted by RLIMIT_DATA
+        m = mmap.mmap(-1, GIB, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        for i in range(0, GIB, 4096):
+            m[i] = 1
+    else:
+        b = b"x" * GIB
+        del b
+
+def Handler(req):
+    how = req.input.decode()
+    if how == "ok":
+        return "fine"
+    if how.startswith("fork-"):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                eat(how[5:])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+    eat(how)
+    return "ate a GiB"
+"""
+
+
+def test_memory_limit_holds_for_the_whole_replica(
+    sandbox_gw: GatewayProcess, tmp_path: Path
+) -> None:
+    deploy(sandbox_gw, tmp_path, "hog", HOG, limits={"memory": "256Mi"})
+    for how in ("heap", "mmap"):
+        status, out = _call(sandbox_gw, "hog", how.encode())
+        assert status == 502, (how, status, out)
+        assert "memory limit" in json.dumps(out), out
+        sandbox_gw.wait_status("hog", "Ready")
+        assert _call(sandbox_gw, "hog", b"ok") == (200, {"text": "fine"})
+    info = _info(sandbox_gw, "hog")
+    assert "OOM-killed (limit 256Mi)" in json.dumps(info), info
+    # A forked child is in the same group: the kernel kills it, not the host.
+    status, out = _call(sandbox_gw, "hog", b"fork-mmap")
+    assert (status, out) == (200, {"signal": 9}), out
+    with sandbox_gw.http() as http:
+        assert http.get("/healthz").status_code == 200
+
+
+SPIN = """
+import os, resource, time
+
+def Handler(req):
+    what = req.input.decode()
+    if what == "spin":
+        t0, c0 = time.monotonic(), time.process_time()
+        while time.monotonic() - t0 < 2.0:
+            pass
+        return {"cpu_per_s": (time.process_time() - c0) / (time.monotonic() - t0)}
+    if what == "forkbomb":
+        pids, error = [], None
+        try:
+            for _ in range(2000):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(5)
+                    os._exit(0)
+                pids.append(pid)
+        except OSError as exc:
+            error = type(exc).__name__
+        for pid in pids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        return {"forked": len(pids), "error": error}
+    if what == "fill":
+        written = 0
+        try:
+            with open("/tmp/fill", "wb") as f:
+                chunk = b"x" * (1 << 20)
+                for _ in range(1024):
+                    f.write(chunk)
+                    f.flush()
+                    written += len(chunk)
+        except OSError as exc:
+            os.unlink("/tmp/fill")
+            return {"written": written, "error": exc.errno}
+        os.unlink("/tmp/fill")
+        return {"written": written, "error": None}
+    return "?"
+"""
+
+
+def test_cpu_pids_and_tmp_limits(sandbox_gw: GatewayProcess, tmp_path: Path) -> None:
+    deploy(
+        sandbox_gw,
+        tmp_path,
+        "spinner",
+        SPIN,
+        limits={"cpu": "0.5", "pids": 64, "ephemeral-storage": "64Mi"},
+    )
+    status, out = _call(sandbox_gw, "spinner", b"spin")
+    assert status == 200, out
+    assert out["cpu_per_s"] <= 0.6, out
+    status, out = _call(sandbox_gw, "spinner", b"forkbomb")
+    assert status == 200, out
+    assert out["error"] is not None and out["forked"] < 64, out
+    status, out = _call(sandbox_gw, "spinner", b"fill")
+    assert status == 200, out
+    assert out["error"] == 28 and out["written"] <= 64 << 20, out  # ENOSPC
+    limits = _info(sandbox_gw, "spinner")["replicas"]["list"][0]["limits"]
+    assert limits == {"cpu": "0.5", "pids": "64", "tmp": "64Mi", "network": "host"}, limits

@@ -199,6 +199,7 @@ class Deployment:
                     member.id, replica.address, self.spec.concurrency, replica.secret
                 )
                 link.on_lost = functools.partial(self._lost, member, link)
+                link.end_reason = functools.partial(_end_reason, replica)
                 link.on_unresponsive = functools.partial(self._unresponsive, member, link)
                 self.cold_starts += 1
                 where = replica.where()
@@ -284,6 +285,14 @@ class Deployment:
                 member.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await member.task
+
+
+async def _end_reason(replica: Replica) -> str | None:
+    """Why a replica that dropped a call ended, if it ends within a moment."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(replica.exited()), 1.0)
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the 502 stands without it
+        return None
 
 
 def _read(path: Path) -> str:
