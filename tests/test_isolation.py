@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def test_a_sandboxed_handler_sees_only_its_own_files(
     assert marker.name not in out["_tmp"], out["_tmp"]
     assert len(out["_tmp"]) <= 2, out["_tmp"]
     assert not Path("/tmp/mine.txt").exists()
+    with sandbox_gw.http() as http:
+        assert http.get("/system/info").json()["isolation"] == "sandbox"
     info = _info(sandbox_gw, "snoop")["replicas"]["list"][0]
     assert info["isolation"] == "sandbox", info
     assert info["limits"]["pids"] == "512", info
@@ -247,3 +250,42 @@ def test_cpu_pids_and_tmp_limits(sandbox_gw: GatewayProcess, tmp_path: Path) -> 
     assert out["error"] == 28 and out["written"] <= 64 << 20, out  # ENOSPC
     limits = _info(sandbox_gw, "spinner")["replicas"]["list"][0]["limits"]
     assert limits == {"cpu": "0.5", "pids": "64", "tmp": "64Mi", "network": "host"}, limits
+
+
+NET = """
+import socket
+
+def Handler(req):
+    # The gateway's own port on loopback: reachable on the host network only.
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", int(req.input)))
+    except OSError as exc:
+        return {"connected": False, "error": type(exc).__name__}
+    return {"connected": True, "error": None}
+"""
+
+
+def test_network_none_reaches_nothing_but_its_wire(
+    sandbox_gw: GatewayProcess, tmp_path: Path
+) -> None:
+    deploy(sandbox_gw, tmp_path, "online", NET)
+    deploy(sandbox_gw, tmp_path, "offline", NET, network="none")
+    port = str(sandbox_gw.port).encode()
+    assert _call(sandbox_gw, "online", port) == (200, {"connected": True, "error": None})
+    status, out = _call(sandbox_gw, "offline", port)
+    assert status == 200 and out["connected"] is False, out
+
+
+def test_a_stopped_replica_leaves_no_cgroup(sandbox_gw: GatewayProcess, tmp_path: Path) -> None:
+    deploy(sandbox_gw, tmp_path, "brief", ECHO)
+    replica = _info(sandbox_gw, "brief")["replicas"]["list"][0]["id"]
+    groups = [Path(f"/sys/fs/cgroup/{c}/dcf/{replica}") for c in ("memory", "cpu", "pids")]
+    groups += [Path(f"/sys/fs/cgroup/dcf/{replica}")]
+    assert any(g.is_dir() for g in groups), groups
+    sandbox_gw.dcf("function", "delete", "brief", check=True)
+    deadline = time.monotonic() + 10
+    while any(g.exists() for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(g.exists() for g in groups), groups

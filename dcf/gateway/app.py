@@ -148,7 +148,11 @@ class Gateway:
             description="Deploy deep-learning models as serverless functions.",
             lifespan=self.lifespan,
         )
-        api.include_router(build_router(self.manager, self.settings.token, self.settings.backend))
+        api.include_router(
+            build_router(
+                self.manager, self.settings.token, self.settings.backend, self.settings.isolation
+            )
+        )
         api.include_router(build_keys_router(self.manager, self.guard, self.settings.token))
         install_openapi(api, protected=self.settings.token is not None)  # openapi.py
 
