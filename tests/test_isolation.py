@@ -118,6 +118,7 @@ def test_a_sandboxed_handler_sees_only_its_own_files(
     assert len(victims) >= 5, victims
     marker = Path("/tmp") / f"dcf-host-marker-{os.getpid()}"
     marker.write_text("host")
+    Path("/tmp/mine.txt").unlink(missing_ok=True)
     try:
         status, out = _call(sandbox_gw, "snoop", ",".join(map(str, victims)).encode())
     finally:
