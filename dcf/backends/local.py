@@ -128,8 +128,11 @@ class LocalReplica:
             if oom:
                 limit = self._where.get("limits", {}).get("memory", "?")  # type: ignore[union-attr]
                 return f"was OOM-killed (limit {limit}): it ran out of its memory limit"
+        if self._backend.isolation == "sandbox" and code > 128:  # bwrap: 128 + the signal
+            code = 128 - code
         if code < 0:
-            return f"was killed by signal {signal.Signals(-code).name}"
+            with contextlib.suppress(ValueError):
+                return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
     def _kill_group(self, sig: signal.Signals) -> None:
@@ -244,6 +247,10 @@ class LocalBackend:
                     self._release(gpus)
                     raise ReplicaFailed(f"cannot create the replica's cgroup: {exc}") from None
                 join = _joiner(cgroup.join_path())
+            # bwrap ignores SIGTERM (a signal ignored stays so across exec; the runtime
+            # restores it), so a stop reaches the runtime and bwrap outlives it to report
+            # how it ended. Through sh: uvloop's spawn resets what a preexec_fn sets.
+            command = ["/bin/sh", "-c", 'trap "" TERM; exec "$0" "$@"', *command]
         if spec.memory_limit and cgroup is None:
             env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()

@@ -73,6 +73,8 @@ def main() -> None:
     env = os.environ
     if "DCF_STATUS_FD" in env:  # started by the local backend
         _die_with_parent()
+    # A sandbox's bwrap hands SIGTERM down ignored (so it outlives us and tells our end).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _limit_memory(env.get("DCF_MEMORY_LIMIT"))
     status_fd = int(env["DCF_STATUS_FD"]) if env.get("DCF_STATUS_FD") else None
     secret = _read_secret(env.get("DCF_SECRET_FD"))

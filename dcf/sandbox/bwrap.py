@@ -45,6 +45,8 @@ def argv(
     args += ["--unshare-uts", "--unshare-cgroup-try"]
     if not network:
         args.append("--unshare-net")
+    # /tmp first: what lives under the host's /tmp (a DCF_HOME, say) is bound over it.
+    args += ["--size", str(tmp_size), "--tmpfs", "/tmp"]
     for path in SYSTEM:
         if os.path.isdir(path) and not os.path.islink(path):
             args += ["--ro-bind", path, path]
@@ -63,7 +65,6 @@ def argv(
         for name in sorted(os.listdir("/dev")):
             if name.startswith("nvidia"):
                 args += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
-    args += ["--size", str(tmp_size), "--tmpfs", "/tmp"]
     args += ["--ro-bind", code_dir, code_dir]
     args += ["--bind", socket_dir, socket_dir]
     args += ["--chdir", code_dir, "--"]
