@@ -251,6 +251,8 @@ def test_cpu_pids_and_tmp_limits(sandbox_gw: GatewayProcess, tmp_path: Path) -> 
     assert out["error"] == 28 and out["written"] <= 64 << 20, out  # ENOSPC
     limits = _info(sandbox_gw, "spinner")["replicas"]["list"][0]["limits"]
     assert limits == {"cpu": "0.5", "pids": "64", "tmp": "64Mi", "network": "host"}, limits
+    shown = sandbox_gw.dcf("function", "info", "spinner", check=True).stdout.decode()
+    assert "sandbox: pids 64, tmp 64Mi, network host, cpu 0.5" in shown, shown
 
 
 NET = """
