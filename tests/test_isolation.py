@@ -292,3 +292,22 @@ def test_a_stopped_replica_leaves_no_cgroup(sandbox_gw: GatewayProcess, tmp_path
     while any(g.exists() for g in groups) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(g.exists() for g in groups), groups
+
+
+@pytest.mark.parametrize(
+    "settings, word",
+    [
+        ({"network": "wifi"}, "network"),
+        ({"limits": {"pids": 2}}, "pids"),
+        ({"limits": {"ephemeral-storage": "lots"}}, "ephemeral"),
+    ],
+)
+def test_bad_sandbox_settings_are_one_clear_line(
+    process_gw: GatewayProcess, tmp_path: Path, settings: dict, word: str
+) -> None:
+    from tests.conftest import write_function
+
+    config = write_function(tmp_path, "badbox", ECHO, **settings)
+    r = process_gw.dcf("function", "create", "-f", str(config), "badbox")
+    err = (r.stdout + r.stderr).decode()
+    assert r.returncode != 0 and word in err and "Traceback" not in err, err
