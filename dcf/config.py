@@ -77,6 +77,15 @@ class Resources(Strict):
     cpu: float | None = None
     memory: int | None = None
     gpu: float = Field(0, ge=0, description="GPUs; fractions share one on the ray backend")
+    pids: int | None = Field(None, ge=8, le=65536, description="processes (sandbox; default 512)")
+    ephemeral_storage: int | None = Field(
+        None, alias="ephemeral-storage", description="private /tmp size (sandbox; default 1Gi)"
+    )
+
+    @field_validator("ephemeral_storage", mode="before")
+    @classmethod
+    def _storage(cls, v: Any) -> int | None:
+        return None if v is None else parse_memory(v)
 
     @field_validator("cpu", mode="before")
     @classmethod
@@ -127,6 +136,9 @@ class FunctionSpec(Strict):
     environment: dict[str, str] = {}
     requests: Resources = Resources()
     limits: Resources = Resources()
+    network: Literal["host", "none"] = Field(
+        "host", description="none: the sandboxed replica gets no network but its wire socket"
+    )
     replicas: Replicas = Replicas()
     concurrency: int = Field(4, ge=1, le=1024)
     max_queue: int = Field(256, ge=0, description="calls waiting for a replica before 429")

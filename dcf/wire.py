@@ -16,10 +16,10 @@ Header names and values never hold a newline (HTTP forbids it; ``render``
 strips any a handler returns). Shared by the runtime and the gateway; it
 imports neither.
 
-Call id 0 is never a call. On a TCP connection, which anyone on the network
-can open (unlike a unix socket in the gateway's own directory), the first
-frame must be a HELLO with call id 0 whose body is the gateway's secret; a
-replica closes any connection that opens otherwise.
+Call id 0 is never a call. On every connection, TCP or unix socket (another
+replica of the same OS user can reach a socket in the gateway's directory),
+the first frame must be a HELLO with call id 0 whose body is the secret the
+gateway gave this replica; a replica closes any connection that opens otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def request_frame(
 
 
 def hello_frame(secret: bytes) -> list[bytes]:
-    """The first frame on a TCP connection: proves the peer is this replica's gateway."""
+    """The first frame on every connection: proves the peer is this replica's gateway."""
     return request_frame(0, HELLO, "", "", [], secret)
 
 

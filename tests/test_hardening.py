@@ -591,7 +591,7 @@ def test_failed_deploys_leave_no_directories(tmp_path: Path, monkeypatch: pytest
 def test_a_killed_gateway_leaves_no_stale_run_dir(tmp_path: Path):
     gw = GatewayProcess(tmp_path / "home").start()
     deploy(gw, tmp_path, "sock", ECHO)
-    run_dir = Path(info_of(gw, "sock")["replicas"]["list"][0]["address"]).parent
+    run_dir = Path(info_of(gw, "sock")["replicas"]["list"][0]["address"]).parent.parent
     assert run_dir.is_dir()
     os.killpg(gw.proc.pid, signal.SIGKILL)
     gw.proc.wait()

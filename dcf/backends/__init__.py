@@ -6,14 +6,20 @@ __all__ = ["Backend", "Replica", "ReplicaFailed", "ReplicaSpec", "create_backend
 
 
 def create_backend(
-    kind: str, run_dir: str, ray_address: str | None = "auto", ray_namespace: str = "dcf"
+    kind: str,
+    run_dir: str,
+    ray_address: str | None = "auto",
+    ray_namespace: str = "dcf",
+    isolation: str = "process",
 ) -> Backend:
     """The backend named ``kind``; ValueError with one line if it cannot start here."""
     if kind == "local":
         from dcf.backends.local import LocalBackend
 
-        return LocalBackend(run_dir)
+        return LocalBackend(run_dir, isolation)
     if kind == "ray":
+        if isolation != "process":
+            raise ValueError("the ray backend has no sandbox yet: use --isolation process")
         # Imported only here: the local backend must work without Ray installed.
         from dcf.backends.ray import RayBackend
 

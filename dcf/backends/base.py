@@ -39,6 +39,14 @@ class ReplicaSpec:
     """Replicas of one function on different nodes (spread) or together (pack)."""
     requirements: tuple[str, ...] = ()
     """The function's requirements, for backends that install them where replicas run."""
+    cpu_limit: float | None = None
+    """Cores a sandboxed replica may use at most (a cgroup CPU quota)."""
+    pids: int | None = None
+    """Processes a sandboxed replica may run at once (default 512)."""
+    tmp_size: int | None = None
+    """Bytes of a sandboxed replica's private /tmp (default 1Gi)."""
+    network: str = "host"
+    """``none``: a sandboxed replica gets a network namespace of its own."""
 
 
 class ReplicaFailed(Exception):
@@ -53,7 +61,7 @@ class Replica(Protocol):
     id: str
     address: str
     secret: bytes | None
-    """Sent as the first frame on every connection (TCP replicas); None for unix sockets."""
+    """Sent as the first frame on every connection; None only for a replica that needs none."""
     detail: str | None
     """What a replica that is not ready yet is waiting for, for ``info``."""
 

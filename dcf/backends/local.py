@@ -13,13 +13,21 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
+from collections.abc import Callable
 
 from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
 from dcf.backends.environment import clean_environment
+from dcf.sandbox import bwrap, probe
+from dcf.sandbox.cgroups import Limits, ReplicaCgroup
+
+DEFAULT_PIDS = 512
+DEFAULT_TMP = 1 << 30
 
 DRAIN_TIMEOUT = 1.0
 """Seconds the last output of a replica that exited is waited for."""
@@ -53,10 +61,15 @@ class LocalReplica:
         pumps: list[asyncio.Task[None]],
         release: list[str],
         backend: LocalBackend,
+        secret: bytes,
+        cgroup: ReplicaCgroup | None = None,
+        limits: dict[str, str] | None = None,
     ) -> None:
         self.id = spec.replica_id
         self.address = address
-        self.secret: bytes | None = None  # the socket sits in the gateway's private dir
+        # Even a socket in the gateway's private dir is reachable by another replica of
+        # the same OS user, so every connection must prove it is the gateway.
+        self.secret: bytes | None = secret
         self.detail: str | None = None
         self.pid = proc.pid
         self._proc = proc
@@ -65,6 +78,10 @@ class LocalReplica:
         self._gpus = release
         self._backend = backend
         self._ended: asyncio.Future[str] | None = None
+        self._cgroup = cgroup
+        self._where = {"node": "local", "isolation": backend.isolation}
+        if limits:
+            self._where["limits"] = limits  # type: ignore[assignment]
 
     async def ready(self) -> None:
         # Whichever comes first: its report, or its exit (a child it forked while loading
@@ -104,10 +121,18 @@ class LocalReplica:
             pump.cancel()
         self._backend._release(self._gpus)
         self._gpus = []
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.address)
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
+        if self._cgroup is not None:
+            oom = self._cgroup.oom_killed()
+            await _remove(self._cgroup)
+            if oom:
+                limit = self._where.get("limits", {}).get("memory", "?")  # type: ignore[union-attr]
+                return f"was OOM-killed (limit {limit}): it ran out of its memory limit"
+        if self._backend.isolation == "sandbox" and code > 128:  # bwrap: 128 + the signal
+            code = 128 - code
         if code < 0:
-            return f"was killed by signal {signal.Signals(-code).name}"
+            with contextlib.suppress(ValueError):
+                return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
     def _kill_group(self, sig: signal.Signals) -> None:
@@ -115,7 +140,7 @@ class LocalReplica:
             os.killpg(self.pid, sig)
 
     def where(self) -> dict[str, str]:
-        return {"node": "local"}
+        return dict(self._where)
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM to the replica and what it started, SIGKILL after ``grace`` seconds."""
@@ -131,9 +156,27 @@ class LocalReplica:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, isolation: str = "process") -> None:
         # Unix socket paths are limited to ~100 bytes, so they live in a short dir.
         self._run_dir = run_dir
+        self.isolation = isolation
+        self._bwrap: str | None = None
+        self._cgroups: int | None = None
+        if isolation == "sandbox":
+            problem = probe.sandbox_problem()
+            if problem:
+                raise ValueError(
+                    f"cannot sandbox replicas here: {problem}; choose --isolation process knowingly"
+                )
+            self._bwrap = probe.bwrap_binary()
+            self._cgroups = probe.cgroup_version()
+            if self._cgroups is None:
+                print(
+                    "dcf: cgroups are not writable here: replica limits are rlimits only"
+                    " (memory per process, no CPU quota, no process cap)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._gpus = _visible_gpus()
         self._gpu_use: Counter[str] = Counter({g: 0 for g in self._gpus})
 
@@ -157,7 +200,11 @@ class LocalBackend:
 
     async def start(self, spec: ReplicaSpec, log: LogSink) -> LocalReplica:
         gpus = self._claim(spec.gpu, spec.function) if spec.gpu else []
-        address = os.path.join(self._run_dir, f"{spec.replica_id}.sock")
+        # Each replica's socket in a dir of its own, so a sandbox can be given only its own.
+        sock_dir = os.path.join(self._run_dir, spec.replica_id)
+        os.makedirs(sock_dir, mode=0o700, exist_ok=True)
+        address = os.path.join(sock_dir, "wire.sock")
+        secret = secrets.token_bytes(32)
         # Not the gateway's environment: the basics, the function's own, then ours.
         env = clean_environment(spec.environment)
         env.update(
@@ -176,29 +223,64 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         elif "CUDA_VISIBLE_DEVICES" in os.environ:  # the gateway's own choice of devices
             env.setdefault("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
-        if spec.memory_limit:
+        cgroup, limits = None, None
+        command = [spec.python, "-m", "dcf.runtime"]
+        join: Callable[[], None] | None = None
+        if self._bwrap is not None:
+            limits = _shown_limits(spec)
+            tmp = spec.tmp_size or DEFAULT_TMP
+            command = bwrap.argv(
+                self._bwrap,
+                command,
+                code_dir=spec.code_dir,
+                socket_dir=sock_dir,
+                python=spec.python,
+                tmp_size=tmp,
+                network=spec.network != "none",
+                gpus=bool(gpus),
+            )
+            if self._cgroups is not None:
+                wanted = Limits(spec.memory_limit, spec.cpu_limit, spec.pids or DEFAULT_PIDS)
+                try:
+                    cgroup = ReplicaCgroup(self._cgroups, spec.replica_id, wanted)
+                except OSError as exc:
+                    self._release(gpus)
+                    raise ReplicaFailed(f"cannot create the replica's cgroup: {exc}") from None
+                join = _joiner(cgroup.join_path())
+            # bwrap ignores SIGTERM (a signal ignored stays so across exec; the runtime
+            # restores it), so a stop reaches the runtime and bwrap outlives it to report
+            # how it ended. Through sh: uvloop's spawn resets what a preexec_fn sets.
+            command = ["/bin/sh", "-c", 'trap "" TERM; exec "$0" "$@"', *command]
+        if spec.memory_limit and cgroup is None:
             env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()
         env["DCF_STATUS_FD"] = str(write_fd)
+        # The secret travels in a pipe, not the environment (/proc/PID/environ shows that).
+        secret_read, secret_write = os.pipe()
+        os.write(secret_write, secret)
+        os.close(secret_write)
+        env["DCF_SECRET_FD"] = str(secret_read)
         try:
             proc = await asyncio.create_subprocess_exec(
-                spec.python,
-                "-m",
-                "dcf.runtime",
+                *command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=spec.code_dir,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, secret_read),
                 start_new_session=True,
+                preexec_fn=join,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
             self._release(gpus)
+            if cgroup is not None:
+                cgroup.remove()
             raise ReplicaFailed(f"cannot start {spec.python}: {exc}") from None
         finally:
             os.close(write_fd)
+            os.close(secret_read)
         loop = asyncio.get_running_loop()
         status = asyncio.StreamReader()
         await loop.connect_read_pipe(
@@ -206,10 +288,51 @@ class LocalBackend:
         )
         assert proc.stdout is not None
         pumps = [loop.create_task(_pump(proc.stdout, spec.replica_id, log))]
-        return LocalReplica(spec, proc, address, status, pumps, gpus, self)
+        return LocalReplica(spec, proc, address, status, pumps, gpus, self, secret, cgroup, limits)
 
     async def close(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def _joiner(procs: list[str]) -> Callable[[], None]:
+    """Run in the child before exec: it, and all it will start, join the replica's cgroup."""
+
+    def join() -> None:
+        pid = str(os.getpid())
+        for path in procs:
+            with open(path, "w") as f:
+                f.write(pid)
+
+    return join
+
+
+def format_memory(size: int) -> str:
+    for unit, shift in (("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def _shown_limits(spec: ReplicaSpec) -> dict[str, str]:
+    shown = {
+        "pids": str(spec.pids or DEFAULT_PIDS),
+        "tmp": format_memory(spec.tmp_size or DEFAULT_TMP),
+        "network": spec.network,
+    }
+    if spec.memory_limit:
+        shown["memory"] = format_memory(spec.memory_limit)
+    if spec.cpu_limit:
+        shown["cpu"] = f"{spec.cpu_limit:g}"
+    return shown
+
+
+async def _remove(cgroup: ReplicaCgroup) -> None:
+    # The group's last processes may still be exiting: rmdir fails until they are gone.
+    for _ in range(20):
+        cgroup.remove()
+        if not any(os.path.exists(d) for d in cgroup.dirs.values()):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _pump(stream: asyncio.StreamReader, replica_id: str, log: LogSink) -> None:

@@ -244,6 +244,9 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
         )
         if rep.get("detail"):
             click.echo(f"    {rep['detail']}")
+        if rep.get("isolation") == "sandbox":
+            limits = ", ".join(f"{k} {v}" for k, v in (rep.get("limits") or {}).items())
+            click.echo(f"    sandbox: {limits}")
     if data["failure"]:
         click.echo(f"Failure:\n{data['failure'].rstrip()}")
     if data["last_error"]:

@@ -32,6 +32,13 @@ def gateway() -> None:
     help="Where replicas run.",
 )
 @click.option(
+    "--isolation",
+    type=click.Choice(["sandbox", "process"]),
+    default="process",
+    show_default=True,
+    help="Local replicas in a sandbox (bwrap namespaces, cgroup limits) or as plain processes.",
+)
+@click.option(
     "--ray-address",
     default="auto",
     show_default=True,
@@ -92,6 +99,7 @@ def start(
     host: str,
     port: int,
     backend: str,
+    isolation: str,
     ray_address: str,
     ray_namespace: str,
     token: str | None,
@@ -124,6 +132,7 @@ def start(
         settings = Settings(
             home=Path(home),
             backend=backend,
+            isolation=isolation,
             token=token,
             max_body=DEFAULT_MAX_BODY if max_body is None else max_body,
             ray_address=ray_address,

@@ -51,12 +51,19 @@ def require_token(token: str | None):  # noqa: ANN201
     return check
 
 
-def build_router(manager: FunctionManager, token: str | None, backend: str) -> APIRouter:
+def build_router(
+    manager: FunctionManager, token: str | None, backend: str, isolation: str = "process"
+) -> APIRouter:
     router = APIRouter(prefix="/system", dependencies=[Depends(require_token(token))])
 
     @router.get("/info", summary="Gateway version and backend")
     async def info() -> dict:
-        return {"version": __version__, "backend": backend, "functions": len(manager.functions)}
+        return {
+            "version": __version__,
+            "backend": backend,
+            "isolation": isolation,
+            "functions": len(manager.functions),
+        }
 
     @router.get("/runtimes", summary="Runtimes a function can use")
     async def runtimes() -> list[dict]:

@@ -53,6 +53,7 @@ def freeze_heap() -> None:
 class Settings:
     home: Path
     backend: str = "local"
+    isolation: str = "process"
     token: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     flush_interval: float = 5.0
@@ -72,7 +73,11 @@ class Gateway:
         self.logs = LogStore(settings.home / "logs", follow_buffer=settings.limits.follow_buffer)
         self.run_dir = RunDir()  # and the run dirs of gateways that were killed, removed
         self.backend = create_backend(
-            settings.backend, self.run_dir.path, settings.ray_address, settings.ray_namespace
+            settings.backend,
+            self.run_dir.path,
+            settings.ray_address,
+            settings.ray_namespace,
+            settings.isolation,
         )
         self.manager = FunctionManager(
             settings.home, self.backend, self.logs, self.metrics, settings.limits
@@ -143,7 +148,11 @@ class Gateway:
             description="Deploy deep-learning models as serverless functions.",
             lifespan=self.lifespan,
         )
-        api.include_router(build_router(self.manager, self.settings.token, self.settings.backend))
+        api.include_router(
+            build_router(
+                self.manager, self.settings.token, self.settings.backend, self.settings.isolation
+            )
+        )
         api.include_router(build_keys_router(self.manager, self.guard, self.settings.token))
         install_openapi(api, protected=self.settings.token is not None)  # openapi.py
 

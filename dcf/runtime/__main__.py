@@ -61,12 +61,23 @@ def _report(fd: int | None, message: dict) -> None:
         os.close(fd)
 
 
+def _read_secret(fd: str | None) -> bytes | None:
+    """The gateway's secret for this replica, read once from its pipe."""
+    if not fd:
+        return None
+    with os.fdopen(int(fd), "rb", 0) as pipe:
+        return pipe.read(256) or None
+
+
 def main() -> None:
     env = os.environ
     if "DCF_STATUS_FD" in env:  # started by the local backend
         _die_with_parent()
+    # A sandbox's bwrap hands SIGTERM down ignored (so it outlives us and tells our end).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _limit_memory(env.get("DCF_MEMORY_LIMIT"))
     status_fd = int(env["DCF_STATUS_FD"]) if env.get("DCF_STATUS_FD") else None
+    secret = _read_secret(env.get("DCF_SECRET_FD"))
     function = env.get("DCF_FUNCTION", "handler")
     info = {
         "function": function,
@@ -100,7 +111,7 @@ def main() -> None:
     listen = env.get("DCF_LISTEN")
     if listen:
         ready = {"ready": True, "pid": os.getpid()}
-        asyncio.run(serve_socket(invoker, listen, info, lambda: _report(status_fd, ready)))
+        asyncio.run(serve_socket(invoker, listen, info, lambda: _report(status_fd, ready), secret))
         return
     import uvicorn
 

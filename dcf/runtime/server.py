@@ -33,7 +33,7 @@ class GatewayConnection(asyncio.Protocol):
 
     Answers written in the same turn of the loop leave in one write, so a
     replica under load pays one syscall for several calls. With a ``secret``
-    (TCP), nothing is served until the peer's first frame proves it knows it.
+    (every backend gives one), nothing is served until the peer's first frame proves it knows it.
     """
 
     HELLO_TIMEOUT = 5.0
@@ -121,7 +121,9 @@ async def open_server(
         return await loop.create_server(protocol, host, int(port))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)
-    return await loop.create_unix_server(protocol, address)
+    server = await loop.create_unix_server(protocol, address)
+    os.chmod(address, 0o600)
+    return server
 
 
 async def serve_socket(
@@ -129,9 +131,10 @@ async def serve_socket(
     address: str,
     info: dict[str, str],
     on_ready: Callable[[], None] | None = None,
+    secret: bytes | None = None,
 ) -> None:
     """Serve the gateway on a unix socket (or ``tcp://host:port``) until cancelled."""
-    server = await open_server(invoker, address, info)
+    server = await open_server(invoker, address, info, secret)
     if on_ready is not None:
         on_ready()
     async with server:

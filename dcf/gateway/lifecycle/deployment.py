@@ -171,6 +171,10 @@ class Deployment:
             resources=dict(s.resources),
             placement=s.placement,
             requirements=self.requirements,
+            cpu_limit=s.limits.cpu,
+            pids=s.limits.pids,
+            tmp_size=s.limits.ephemeral_storage,
+            network=s.network,
         )
 
     async def _start(self, member: Member) -> Replica:
@@ -214,6 +218,7 @@ class Deployment:
                     member.id, replica.address, self.spec.concurrency, replica.secret
                 )
                 link.on_lost = functools.partial(self._lost, member, link)
+                link.end_reason = functools.partial(_end_reason, replica)
                 link.on_unresponsive = functools.partial(self._unresponsive, member, link)
                 self.cold_starts += 1
                 where = replica.where()
@@ -310,6 +315,14 @@ class Deployment:
 def _unexpected(replica_id: str, exc: BaseException) -> str:
     """The reason for a start that failed in a way the backend did not name."""
     return f"replica {replica_id} could not be started: {type(exc).__name__}: {exc}"
+
+
+async def _end_reason(replica: Replica) -> str | None:
+    """Why a replica that dropped a call ended, if it ends within a moment."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(replica.exited()), 1.0)
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the 502 stands without it
+        return None
 
 
 def _read(path: Path) -> str:

@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from dcf import wire
 
@@ -182,6 +182,8 @@ class ReplicaLink:
         """Told when the replica drops the connection: it is dead, or cut off."""
         self.on_unresponsive: Callable[[str], None] | None = None
         """Told (with why) when the replica stops answering: the pool's liveness check."""
+        self.end_reason: Callable[[], Awaitable[str | None]] | None = None
+        """Why the replica ended, when it did (e.g. its memory limit), for the 502 of a call."""
         self.dead = False
         """Closed by the gateway, or lost: nothing more is sent to it."""
         self.missed = 0
@@ -199,10 +201,10 @@ class ReplicaLink:
             host, port = self.address[len("tcp://") :].rsplit(":", 1)
             transport, opened = await loop.create_connection(channel, host, int(port))
             _keep_alive(transport.get_extra_info("socket"))
-            if self.secret is not None:
-                transport.writelines(wire.hello_frame(self.secret))
         else:
-            _, opened = await loop.create_unix_connection(channel, self.address)
+            transport, opened = await loop.create_unix_connection(channel, self.address)
+        if self.secret is not None:
+            transport.writelines(wire.hello_frame(self.secret))
         return opened
 
     async def channel(self) -> ReplicaChannel:
@@ -415,10 +417,11 @@ class Pool:
                             self.remove(link)
                         continue  # it never reached that replica: another one takes it
                     except (ConnectionError, OSError) as exc:
+                        why = await link.end_reason() if link.end_reason is not None else None
                         raise CallError(
                             502,
                             f"replica {link.id} of {self.function!r} failed during the call"
-                            f" ({type(exc).__name__})",
+                            f" ({why or type(exc).__name__})",
                         ) from None
                     finally:
                         if answer is None or answer.done():
