@@ -358,6 +358,36 @@ def test_callbacks_outside_the_allow_list_are_refused(gw: GatewayProcess, starte
     assert b"--callback-allow" in bad.stderr and b"Traceback" not in bad.stderr
 
 
+def test_callbacks_to_the_gateway_itself_are_refused_whatever_the_allow_list(
+    gw: GatewayProcess, started, tmp_path: Path
+):
+    """The answer's body is the function's to choose: POSTed to the gateway's own API it
+    could deploy or delete functions. No allow-list may point a callback back at it."""
+    deploy(gw, tmp_path, "loops", ECHO)
+    wide = start(started, tmp_path / "home2", "--callback-allow", "0.0.0.0/0,::/0,localhost")
+    deploy(wide, tmp_path, "loops", ECHO)
+    for gateway in (gw, wide):
+        port = gateway.port
+        with gateway.http() as http:
+            for host in ("127.0.0.1", "localhost", "127.9.9.9", "0.0.0.0", "[::1]", "LocalHost."):
+                url = f"http://{host}:{port}/system/functions"
+                response = http.post(
+                    "/async-function/loops", content=b"{}", headers={"x-callback-url": url}
+                )
+                assert response.status_code == 400, (url, response.text)
+                error = response.json()["error"]
+                assert "the gateway's own" in error and str(port) in error, error
+            assert http.get("/system/functions").status_code == 200
+    # Other loopback ports stay allowed by default: the receiver on this machine.
+    hook = Hook()
+    try:
+        with gw.http() as http:
+            job_id = submit(http, "loops", b"elsewhere", headers={"x-callback-url": hook.url})
+            assert hook.wait(1)[0][0]["x-dcf-job-id"] == job_id
+    finally:
+        hook.close()
+
+
 # the CLI ------------------------------------------------------------------------------------
 
 

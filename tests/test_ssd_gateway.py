@@ -187,3 +187,37 @@ def test_example_files_are_complete():
         assert (EXAMPLE / name).is_file()
     for photo in (*PHOTOS, "astronaut.jpg"):
         assert (SAMPLES / photo).stat().st_size < 200_000
+
+
+def test_eight_connections_for_twenty_seconds_answer_every_call(gw: GatewayProcess):
+    """The flagship under load, as issue 17 found it: 8 connections of base64 photos, and
+    four more callers for the first seconds (another user, or the tail of an earlier
+    run) that push the load past one replica's concurrency. Every call is answered 2xx,
+    through whatever the autoscaler does when the ninth leaves."""
+    import threading
+    import time
+
+    photos = [seed_base64(read(p)) for p in PHOTOS]
+    statuses: list[int] = []
+    failures: list[str] = []
+    start = time.monotonic()
+
+    def caller(index: int, seconds: float) -> None:
+        with httpx.Client(base_url=gw.url, timeout=120) as http:
+            n = index
+            while time.monotonic() - start < seconds:
+                response = http.post("/function/ssd-test", content=photos[n % len(photos)])
+                statuses.append(response.status_code)
+                if not 200 <= response.status_code < 300:
+                    failures.append(f"{time.monotonic() - start:.1f}s {response.text[:200]}")
+                n += 1
+
+    # 22 s: past the 10 s scale_down_delay after the extra callers leave at 4 s.
+    threads = [threading.Thread(target=caller, args=(i, 22.0)) for i in range(8)]
+    threads += [threading.Thread(target=caller, args=(i, 4.0)) for i in range(8, 12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not failures, f"{len(failures)} of {len(statuses)} calls failed: {failures[:4]}"
+    assert len(statuses) >= 8 * 5, statuses  # it was really under load

@@ -127,6 +127,7 @@ def start(
     from dcf.gateway.app import DEFAULT_MAX_BODY, Settings, create_app
 
     jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes)
+    jobs.own_ports = (port,)
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
     try:
         settings = Settings(

@@ -73,6 +73,8 @@ class JobSettings:
     max_bytes: int = 2 << 30
     """Bytes of bodies and results on disk before new jobs are refused (429)."""
     callback_allow: tuple[str, ...] = DEFAULT_ALLOW
+    own_ports: tuple[int, ...] = ()
+    """The ports the gateway serves on: callbacks to them on this machine are refused."""
 
 
 class Jobs:
@@ -90,7 +92,7 @@ class Jobs:
         self.metrics = metrics
         self.max_body = max_body
         self.settings = settings
-        self.allow = AllowList(settings.callback_allow)
+        self.allow = AllowList(settings.callback_allow, settings.own_ports)
         self.store = JobStore(home)
         self.count = 0
         self.bytes = 0
@@ -164,6 +166,9 @@ class Jobs:
             await self._full(send, name, f"it holds {self.count} jobs, its limit")
             return
         if callback is not None:
+            server = scope.get("server")
+            if server and server[1] is not None:  # the port this call came in on is ours too
+                self.allow.own_ports.add(server[1])
             try:
                 await self.allow.vet(callback)
             except CallbackRefused as exc:

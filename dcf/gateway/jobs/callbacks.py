@@ -2,7 +2,12 @@
 
 The allow-list is an SSRF guard. Without it anyone who may submit a job could
 make the gateway POST to whatever it can reach — a cloud metadata service, an
-admin API on the private network. By default only loopback is allowed. An
+admin API on the private network. By default only loopback is allowed. The
+gateway itself is never allowed, whatever the list says: a job's answer is the
+function's to write, and POSTed to the gateway's own API it could deploy or
+delete functions. So any address of this machine (loopback, ``0.0.0.0``, its
+bound host) on a port the gateway serves is refused, by address after
+resolving, names included. An
 entry is a network (``10.0.0.0/8``, an address) or a host name: a URL naming an
 allowed host is called as named; any other host must resolve only to allowed
 addresses, checked when the job is submitted and again before every attempt,
@@ -52,8 +57,12 @@ class Target:
 
 
 class AllowList:
-    def __init__(self, entries: Iterable[str] = DEFAULT_ALLOW) -> None:
+    def __init__(
+        self, entries: Iterable[str] = DEFAULT_ALLOW, own_ports: Iterable[int] = ()
+    ) -> None:
         self.entries = [e.strip() for e in entries if e.strip()]
+        self.own_ports: set[int] = set(own_ports)
+        """Ports the gateway serves on; this machine's addresses on them are refused."""
         self.networks: list[Network] = []
         self.hosts: set[str] = set()
         for entry in self.entries:
@@ -84,13 +93,22 @@ class AllowList:
         host = parts.hostname.lower().rstrip(".")
         port = port or (443 if parts.scheme == "https" else 80)
         target = Target(url, parts.scheme, host, port, host in self.hosts)
-        if not target.trusted_name and _address(host) is not None:
+        if _address(host) is not None:
             self.check_addresses(target, [host])
         return target
 
     def check_addresses(self, target: Target, addresses: list[str]) -> None:
         for address in addresses:
             ip = _address(address)
+            if ip is not None and target.port in self.own_ports and _is_local(ip):
+                via = "" if address == target.host else f" (it resolves to {address})"
+                raise CallbackRefused(
+                    f"X-Callback-Url {target.url!r} is refused: {target.host}:{target.port}{via}"
+                    " is the gateway's own address and port, and a callback never calls the"
+                    " gateway itself, whatever --callback-allow says"
+                )
+            if target.trusted_name:
+                continue
             if ip is None or not any(ip in net for net in self.networks):
                 via = "" if address == target.host else f" (it resolves to {address})"
                 raise CallbackRefused(
@@ -102,8 +120,6 @@ class AllowList:
     async def vet(self, url: str) -> None:
         """At submit time: refuse a URL the gateway would not call (CallbackRefused)."""
         target = self.target(url)
-        if target.trusted_name:
-            return
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
@@ -115,8 +131,6 @@ class AllowList:
 
     def resolve(self, target: Target) -> tuple[str, dict[str, Any], dict[str, str]]:
         """Blocking: the URL to connect to, httpx extensions and extra headers."""
-        if target.trusted_name:
-            return target.url, {}, {}
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         addresses = [info[4][0] for info in infos]
         self.check_addresses(target, addresses)
@@ -199,6 +213,21 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+
+
+def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """One of this machine's addresses: loopback, unspecified, or one it can bind."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))  # the kernel binds only addresses of its own interfaces
+    except OSError:
+        return False
+    return True
 
 
 def _is_hostname(text: str) -> bool:
