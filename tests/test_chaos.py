@@ -42,6 +42,31 @@ def wait_replicas(gw: GatewayProcess, name: str, count: int, timeout: float = 20
     return replicas
 
 
+def call_loop(
+    gw: GatewayProcess,
+    name: str,
+    n: int,
+    outcomes: list[tuple[float, int]],
+    stop: threading.Event,
+    calls: int,
+    timeout: float,
+    until: float = float("inf"),
+) -> None:
+    """One caller of ``name``, bounded in calls and time: (when, 200 for a right answer,
+    else its status, 0 for a broken connection) per call."""
+    with httpx.Client(base_url=gw.url, timeout=timeout) as http:
+        for i in range(calls):
+            if stop.is_set() or time.monotonic() > until:
+                return
+            body = f"{n}-{i}".encode()
+            try:
+                response = http.post(f"/function/{name}", content=body)
+                ok = response.status_code == 200 and response.content == body
+                outcomes.append((time.monotonic(), 200 if ok else response.status_code))
+            except httpx.TransportError:
+                outcomes.append((time.monotonic(), 0))
+
+
 def test_replica_and_gateway_kills_lose_nothing_accepted(tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path / "home").start()
     try:
@@ -60,17 +85,7 @@ def test_replica_and_gateway_kills_lose_nothing_accepted(tmp_path: Path) -> None
         outcomes: list[tuple[float, int]] = []
 
         def caller(n: int) -> None:
-            with httpx.Client(base_url=gw.url, timeout=10) as http:
-                for i in range(2000):
-                    if stop.is_set():
-                        return
-                    body = f"{n}-{i}".encode()
-                    try:
-                        response = http.post("/function/steady", content=body)
-                        ok = response.status_code == 200 and response.content == body
-                        outcomes.append((time.monotonic(), 200 if ok else response.status_code))
-                    except httpx.TransportError:
-                        outcomes.append((time.monotonic(), 0))
+            call_loop(gw, "steady", n, outcomes, stop, calls=2000, timeout=10)
 
         threads = [threading.Thread(target=caller, args=(n,)) for n in range(THREADS)]
         for thread in threads:
@@ -134,17 +149,7 @@ def test_changes_of_shape_under_load_fail_nothing(tmp_path: Path) -> None:
         begun = time.monotonic()
 
         def caller(n: int) -> None:
-            with httpx.Client(base_url=gw.url, timeout=15) as http:
-                for i in range(100_000):
-                    if stop.is_set() or time.monotonic() - begun > 60:
-                        return
-                    body = f"{n}-{i}".encode()
-                    try:
-                        response = http.post("/function/shape", content=body)
-                        ok = response.status_code == 200 and response.content == body
-                        outcomes.append((time.monotonic(), 200 if ok else response.status_code))
-                    except httpx.TransportError:
-                        outcomes.append((time.monotonic(), 0))
+            call_loop(gw, "shape", n, outcomes, stop, calls=100_000, timeout=15, until=begun + 60)
 
         def scale(count: int) -> None:
             gw.dcf(

@@ -126,8 +126,7 @@ def start(
 
     from dcf.gateway.app import DEFAULT_MAX_BODY, Settings, create_app
 
-    jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes)
-    jobs.own_ports = (port,)
+    jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes, port)
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
     try:
         settings = Settings(
@@ -160,7 +159,7 @@ def start(
 
 
 def _job_settings(
-    allow: str | None, ttl: str, result_max: str, most: int, max_bytes: str
+    allow: str | None, ttl: str, result_max: str, most: int, max_bytes: str, port: int
 ) -> JobSettings:
     """The job store's limits from the flags, or a one-line usage error naming the flag."""
     from dcf.config import parse_duration, parse_memory
@@ -185,4 +184,5 @@ def _job_settings(
         max_jobs=most,
         max_bytes=parse("--job-max-bytes", parse_memory, max_bytes),
         callback_allow=entries,
+        own_ports=(port,),  # a callback never calls the gateway itself
     )
