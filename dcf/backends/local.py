@@ -306,7 +306,7 @@ def _joiner(procs: list[str]) -> Callable[[], None]:
     return join
 
 
-def format_memory(size: int) -> str:
+def _format_memory(size: int) -> str:
     for unit, shift in (("Gi", 30), ("Mi", 20), ("Ki", 10)):
         if size >= 1 << shift and size % (1 << shift) == 0:
             return f"{size >> shift}{unit}"
@@ -316,11 +316,11 @@ def format_memory(size: int) -> str:
 def _shown_limits(spec: ReplicaSpec) -> dict[str, str]:
     shown = {
         "pids": str(spec.pids or DEFAULT_PIDS),
-        "tmp": format_memory(spec.tmp_size or DEFAULT_TMP),
+        "tmp": _format_memory(spec.tmp_size or DEFAULT_TMP),
         "network": spec.network,
     }
     if spec.memory_limit:
-        shown["memory"] = format_memory(spec.memory_limit)
+        shown["memory"] = _format_memory(spec.memory_limit)
     if spec.cpu_limit:
         shown["cpu"] = f"{spec.cpu_limit:g}"
     return shown
