@@ -7,9 +7,9 @@ gateway itself is never allowed, whatever the list says: a job's answer is the
 function's to write, and POSTed to the gateway's own API it could deploy or
 delete functions. So any address of this machine (loopback, ``0.0.0.0``, its
 bound host) on a port the gateway serves is refused, by address after
-resolving, names included. An
-entry is a network (``10.0.0.0/8``, an address) or a host name: a URL naming an
-allowed host is called as named; any other host must resolve only to allowed
+resolving, names included. An entry is a network (``10.0.0.0/8``, an
+address) or a host name: a URL naming an allowed host is called as named; any
+other host must resolve only to allowed
 addresses, checked when the job is submitted and again before every attempt,
 and the connection goes to the address that was checked (so a name cannot be
 re-pointed between the check and the call). Redirects are never followed.
