@@ -355,3 +355,45 @@ def test_batching_receives_v2_requests(gw: GatewayProcess, tmp_path):  # noqa: A
         np.testing.assert_array_equal(result.as_numpy("sum"), x.sum(axis=1, keepdims=True))
     assert max(int(r.as_numpy("batch")[0]) for r in results) > 1
     gw.dcf("function", "delete", "batched")
+
+
+def test_ssd_through_tritonclient_gives_the_cli_boxes(gw: GatewayProcess, client):  # noqa: ANN001
+    """The README's example: the SSD called by tritonclient returns the boxes, scores and
+    classes that `dcf function call` prints, from an encoded image or from RGB pixels."""
+    import base64
+    import shutil
+
+    import yaml
+
+    from tests.ssd_example import EXAMPLE, SAMPLES
+
+    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("onnxruntime")
+    if shutil.which("npm") is None:
+        pytest.skip("npm is missing: ssd-test's build step cannot fetch the COCO SSD")
+    gw.dcf("function", "create", "-f", "config.yaml", "ssd-test", cwd=EXAMPLE, check=True)
+    gw.wait_status("ssd-test", "Ready", timeout=300)
+    declared = yaml.safe_load((EXAMPLE / "config.yaml").read_text())["functions"]["ssd-test"]
+    meta = client.get_model_metadata("ssd-test")
+    assert meta["inputs"] == [{k: t[k] for k in ("name", "datatype", "shape")}
+                              for t in declared["inputs"]]
+    assert [o["name"] for o in meta["outputs"]] == ["boxes", "scores", "classes", "labels"]
+    for photo in ("coffee.jpg", "grace_hopper.jpg"):
+        data = (SAMPLES / photo).read_bytes()
+        cli = json.loads(gw.dcf("function", "call", "ssd-test", input=base64.encodebytes(data),
+                                check=True).stdout)
+        assert cli, photo
+        pixels = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                              cv2.COLOR_BGR2RGB)
+        for name, array, datatype in (("image", np.array([data], dtype=object), "BYTES"),
+                                      ("pixels", pixels, "UINT8")):
+            tensor = httpclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            result = client.infer("ssd-test", [tensor])
+            boxes = result.as_numpy("boxes")
+            assert boxes.dtype == np.float32 and boxes.shape == (len(cli), 4)
+            assert boxes.tolist() == [[d["xmin"], d["ymin"], d["xmax"], d["ymax"]] for d in cli]
+            assert result.as_numpy("classes").tolist() == [d["class_id"] for d in cli]
+            assert [w.decode() for w in result.as_numpy("labels")] == [d["class"] for d in cli]
+            np.testing.assert_allclose(result.as_numpy("scores"),
+                                       [d["confidence"] for d in cli], atol=1e-3)
