@@ -397,3 +397,30 @@ def test_ssd_through_tritonclient_gives_the_cli_boxes(gw: GatewayProcess, client
             assert [w.decode() for w in result.as_numpy("labels")] == [d["class"] for d in cli]
             np.testing.assert_allclose(result.as_numpy("scores"),
                                        [d["confidence"] for d in cli], atol=1e-3)
+
+
+def test_v2_on_the_ray_backend(cluster, tmp_path):  # noqa: ANN001
+    """The same V2 calls to replicas that are Ray actors (they run the same runtime)."""
+    pytest.importorskip("ray")
+    gateway = GatewayProcess(
+        tmp_path / "home", extra=["--backend", "ray", "--ray-address", cluster.address]
+    ).start()
+    try:
+        deploy(gateway, tmp_path, "tensors", TENSORS, **DECLARED)
+        x, n, words = sample()
+        want = handler_compute()(x, n, words)
+        triton = httpclient.InferenceServerClient(gateway.address, network_timeout=60)
+        try:
+            assert triton.is_model_ready("tensors")
+            for binary in (False, True):
+                outputs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in want]
+                result = triton.infer("tensors", inputs_of(x, n, words, binary), outputs=outputs)
+                np.testing.assert_array_equal(result.as_numpy("doubled"), want["doubled"])
+                np.testing.assert_array_equal(result.as_numpy("total"), want["total"])
+            with pytest.raises(InferenceServerException) as raised:
+                triton.infer("tensors", inputs_of(x.astype(np.float64), n, words, True))
+            assert raised.value.status() == "400" and "input 'x'" in raised.value.message()
+        finally:
+            triton.close()
+    finally:
+        gateway.stop()
