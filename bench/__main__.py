@@ -3,8 +3,9 @@
 Parts: echo, ssd, coldstart, memory, cli, ray (Ray Serve), raybackend (DCF's
 Ray backend), oip (V2 infer beside MLServer, bench/oip.py) (all of these by
 default; ``--quick`` leaves the two Ray parts out unless named) and profile
-(only when named). Prints a markdown table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
-``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
+(only when named). Prints a markdown table and writes
+``bench/results/<name>.json`` and ``<name>.md``, and ``latest.json``/``latest.md``
+(``latest-quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
