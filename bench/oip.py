@@ -130,8 +130,14 @@ def _start_mlserver(venv: Path, workers: int, cpus: set[int]) -> tuple[subproces
         cwd=directory,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlserver exited with {proc.returncode}")
+        return util.http("GET", url + "/v2/models/dense/ready", timeout=2)[0] == 200
+
     try:
-        util.wait_http(url + "/v2/models/dense/ready", timeout=120, proc=proc)
+        util.wait_for(ready, 120, "MLServer's model ready")
     except Exception:
         log = (directory / "mlserver.log").read_text()[-2000:]
         util.stop(proc)
