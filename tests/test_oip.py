@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import textwrap
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -424,3 +425,44 @@ def test_v2_on_the_ray_backend(cluster, tmp_path):  # noqa: ANN001
             triton.close()
     finally:
         gateway.stop()
+
+
+SLOW = """
+import time
+
+
+def Handler(req):
+    time.sleep(float(req.tensors["seconds"][0]))
+    return {"slept": req.tensors["seconds"]}
+"""
+
+
+def test_timeout_and_full_queue_answer_the_v2_error_body(gw: GatewayProcess, tmp_path):  # noqa: ANN001
+    deploy(gw, tmp_path, "slow-tensors", SLOW, timeout="1s", concurrency=1, max_queue=0)
+    url = gw.url + "/v2/models/slow-tensors/infer"
+
+    def body(seconds: float) -> dict:
+        return {"inputs": [{"name": "seconds", "datatype": "FP32", "shape": [1],
+                            "data": [seconds]}]}
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, url, json=body(1.5), timeout=30)
+        deadline = 50
+        while gw.http().get("/system/function/slow-tensors").json()["inflight"] == 0:
+            deadline -= 1
+            assert deadline, "the slow call never started"
+            time.sleep(0.02)
+        full = httpx.post(url, json=body(0), timeout=30)
+        late = slow.result()
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert list(full.json()) == ["error"] and "queue is full" in full.json()["error"]
+    assert late.status_code == 504 and list(late.json()) == ["error"]
+    assert "did not answer within 1s" in late.json()["error"]
+    for _ in range(100):  # the slot is free once the timed-out call's handler returns
+        ok = httpx.post(url, json=body(0.01), timeout=30)
+        if ok.status_code != 429:
+            break
+        time.sleep(0.05)
+    assert ok.status_code == 200, ok.text
+    assert abs(ok.json()["outputs"][0]["data"][0] - 0.01) < 1e-6
+    gw.dcf("function", "delete", "slow-tensors")
