@@ -1,10 +1,11 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
 Parts: echo, ssd, coldstart, memory, cli, ray (Ray Serve), raybackend (DCF's
-Ray backend) (all of these by default; ``--quick`` leaves the two Ray parts out
-unless named) and profile (only when named). Prints a markdown
-table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
-``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
+Ray backend), oip (V2 infer beside MLServer, bench/oip.py) (all of these by
+default; ``--quick`` leaves the two Ray parts out unless named) and profile
+(only when named). Prints a markdown table and writes
+``bench/results/<name>.json`` and ``<name>.md``, and ``latest.json``/``latest.md``
+(``latest-quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 from bench import report, util
 from bench.context import Context
 
-PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "profile")
-DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend")
+PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip", "profile")
+DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip")
 RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="DCF's benchmarks: echo, SSD, cold start, memory, CLI, Ray Serve, "
-        "DCF's Ray backend, profile.",
+        "DCF's Ray backend, V2 (Open Inference Protocol) beside MLServer, profile.",
     )
     parser.add_argument(
         "parts",
@@ -238,6 +239,10 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import ray_backend
 
         return ray_backend.run(ctx)
+    if part == "oip":
+        from bench import oip
+
+        return oip.run(ctx)
     if part == "profile":
         from bench import profile
 

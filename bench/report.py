@@ -627,6 +627,9 @@ def targets(results: dict) -> list[dict]:
         lambda v: v < 100,
         lambda v: f"{v - 100:.1f} MB",
     )
+    from bench import oip  # the V2 part's own rows (bench/oip.py)
+
+    out += oip.targets(results)
     return out
 
 
@@ -810,6 +813,11 @@ def render(results: dict) -> str:
     elif get(results, "raybackend", "ssd", "skipped"):
         why = results["raybackend"]["ssd"]["skipped"]
         parts += ["", f"DCF's Ray backend, SSD — skipped: {why}"]
+    from bench import oip
+
+    v2 = oip.section(results)
+    if v2:
+        parts += ["", v2]
     prof = results.get("profile") or {}
     if prof:
         parts += ["", profile_text(prof)]

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dcf import yamlsafe
+from dcf.oip.types import TensorSpec, unique
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 RUNTIMES = {"python3": "Python 3 (this gateway's interpreter, with the function's requirements)"}
@@ -165,6 +166,20 @@ class FunctionSpec(Strict):
     forward_authorization: bool = Field(
         False, description="hand callers' Authorization header to the handler (off: stripped)"
     )
+    inputs: list[TensorSpec] = Field(
+        [], description="V2 (Open Inference Protocol) inputs: [{name, datatype, shape}]"
+    )
+    outputs: list[TensorSpec] = Field([], description="V2 outputs: [{name, datatype, shape}]")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[TensorSpec]) -> list[TensorSpec]:
+        return unique(v, "inputs")
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[TensorSpec]) -> list[TensorSpec]:
+        return unique(v, "outputs")
 
     @field_validator("name")
     @classmethod

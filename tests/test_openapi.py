@@ -42,6 +42,13 @@ def test_openapi_document_is_complete(guarded: GatewayProcess):
     paths = doc["paths"]
     for path in ("/function/{name}", "/async-function/{name}", "/async-function/jobs/{id}"):
         assert path in paths, path
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+                 "/v2/models/{name}/ready", "/v2/models/{name}/infer",
+                 "/v2/models/{name}/versions/{version}/infer"):
+        assert path in paths, path  # the Open Inference Protocol
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json",
+                                                     "application/octet-stream"}
     for path, operations in paths.items():
         for method, operation in operations.items():
             assert "422" not in operation["responses"], (method, path)

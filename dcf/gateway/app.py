@@ -29,6 +29,7 @@ from dcf.gateway.observe.logs import LogStore
 from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.openapi import install as install_openapi
 from dcf.gateway.routing.invoke import ASYNC_PREFIX, PREFIX, Invoke
+from dcf.gateway.routing.v2 import V2, is_v2
 from dcf.gateway.rundir import RunDir
 from dcf.gateway.security.admission import Admission, deploy_body_limit
 from dcf.gateway.security.keys import Guard
@@ -97,6 +98,13 @@ class Gateway:
             guard=self.guard,
             body_clock=self.body_clock,
         )
+        self.v2 = V2(
+            self.manager,
+            self.metrics,
+            settings.max_body,
+            guard=self.guard,
+            body_clock=self.body_clock,
+        )
         self.api = self._build_api()
         # The token, then the body limit, before FastAPI reads a byte (admission.py).
         deploy_body = deploy_body_limit(settings.limits.max_upload, settings.max_body)
@@ -110,6 +118,9 @@ class Gateway:
             path = scope["path"]
             if path.startswith(PREFIX) or path.startswith(ASYNC_PREFIX):
                 await self.invoke(scope, receive, send)
+                return
+            if is_v2(path):
+                await self.v2(scope, receive, send)
                 return
         await self.admitted(scope, receive, send)
 

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcf.config import NAME
+from dcf.gateway.routing.v2_doc import paths as v2_paths
 
 ERROR = {
     "type": "object",
@@ -213,6 +214,7 @@ def document(api: FastAPI, protected: bool) -> dict[str, Any]:
     schemas["Error"] = ERROR
     paths = doc.setdefault("paths", {})
     paths.update(_data_plane())
+    paths.update(v2_paths())  # the Open Inference Protocol (routing/v2.py)
     if protected:
         doc["components"]["securitySchemes"] = {
             "token": {"type": "http", "scheme": "bearer", "description": "The admin token"}

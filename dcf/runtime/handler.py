@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dcf.oip import OIP_HEADER
 from dcf.runtime.batching import Batcher, batch_options, is_async
 from dcf.runtime.request import HTTPError, Request, Response
 
@@ -86,6 +87,9 @@ class Invoker:
     def call_now(self, request: Request) -> Result:
         """A sync handler's call, run right here: the replica's fast path when it is inline."""
         try:
+            if OIP_HEADER in request.headers:
+                call = v2_call(request)
+                return call.encode(self._target(request))
             return render(self._target(request))
         except HTTPError as exc:
             return self.error(exc.status, exc.message)
@@ -99,10 +103,12 @@ class Invoker:
     async def serve(self, request: Request) -> tuple[Result, int]:
         """The call's result and the size of the batch it closed (0 if none)."""
         try:
+            call = v2_call(request) if OIP_HEADER in request.headers else None
             if self.batcher is not None:
                 value, batch = await self.batcher.submit(request)
-                return render(value), batch
-            return render(await self._run(request)), 0
+                return (render(value) if call is None else call.encode(value)), batch
+            value = await self._run(request)
+            return (render(value) if call is None else call.encode(value)), 0
         except HTTPError as exc:
             return self.error(exc.status, exc.message), 0
         except Exception as exc:  # noqa: BLE001 - a handler bug must not end the replica
@@ -132,6 +138,17 @@ def render(value: Any) -> Result:
     if value is None:
         return 200, [], b""
     return 200, [("content-type", JSON)], json.dumps(value).encode()
+
+
+def v2_call(request: Request) -> Any:
+    """Decode a V2 infer call (``request.tensors``); its ``encode`` makes the answer."""
+    try:
+        from dcf.oip.codec import decode  # numpy: loaded on the first V2 call only
+    except ImportError as exc:
+        raise HTTPError(
+            500, f"V2 calls need numpy in the function's environment (requirements.txt): {exc}"
+        ) from None
+    return decode(request)
 
 
 def _clean(text: str) -> str:

@@ -18,6 +18,8 @@ class Request:
     query: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, Any] | None = None
+    """A V2 (Open Inference Protocol) call's inputs: name → numpy array; None otherwise."""
 
     @property
     def body(self) -> bytes:

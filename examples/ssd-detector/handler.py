@@ -11,6 +11,12 @@ list, one object per detection, most confident first::
 Query parameters: ``threshold`` (0..1, overrides ``SSD_SCORE_THRESHOLD``) and
 ``draw=1``, which answers with the image as JPEG, boxes drawn on it.
 
+The same model speaks the Open Inference Protocol (``POST /v2/models/ssd-test/infer``,
+e.g. with ``tritonclient.http``): input ``image`` (BYTES [1], the encoded image) or
+``pixels`` (UINT8 [H, W, 3], RGB), optionally ``threshold`` (FP32 [1]); outputs
+``boxes`` (FP32 [N, 4]: xmin, ymin, xmax, ymax in pixels), ``scores`` (FP32 [N]),
+``classes`` (INT64 [N], COCO ids) and ``labels`` (BYTES [N]), as config.yaml declares.
+
 Concurrent calls are grouped (``dcf.batch``) so that one forward pass serves up
 to ``SSD_BATCH_SIZE`` images. The model is ``SSD_MODEL``: ``coco`` (default, the
 COCO SSD converted by ``fetch_model.py``, see ``coco_ssd.py``), ``face``, or a
@@ -81,6 +87,7 @@ class Job:
     image: np.ndarray
     threshold: float | None
     draw: bool
+    v2: bool = False
 
 
 def decode_base64(text: bytes, source: str = "body") -> bytes:
@@ -184,8 +191,48 @@ class Handler:
             image = decode_image(decode_base64(body), self.max_pixels, "decoded body")
         return Job(image, threshold, draw)
 
-    def answer(self, job: Job, detections: list[dict[str, Any]]) -> list[dict[str, Any]] | bytes:
-        """The detections, or with ``draw`` the JPEG with them drawn on."""
+    def parse_tensors(self, tensors: Mapping[str, np.ndarray]) -> Job:
+        """A V2 call's image (``image``: encoded bytes, or ``pixels``: RGB HWC) and threshold."""
+        threshold = None
+        if "threshold" in tensors:
+            values = tensors["threshold"].ravel()
+            if values.size != 1:
+                raise BadInput(400, "input 'threshold' must hold one number")
+            threshold = parse_threshold(float(values[0]), "input 'threshold'")
+        if ("image" in tensors) == ("pixels" in tensors):
+            raise BadInput(400, "send one of the inputs 'image' (BYTES) or 'pixels' (UINT8 HWC)")
+        if "image" in tensors:
+            encoded = tensors["image"].ravel()
+            if encoded.size != 1:
+                raise BadInput(400, "input 'image' must hold one encoded image")
+            image = decode_image(bytes(encoded[0]), self.max_pixels, "input 'image'")
+        else:
+            pixels = tensors["pixels"]
+            if pixels.size > self.max_pixels * 3:
+                raise BadInput(413, f"input 'pixels' has more than {self.max_pixels} pixels")
+            image = np.ascontiguousarray(pixels[:, :, ::-1])  # the detectors take BGR
+        return Job(image, threshold, False, v2=True)
+
+    def parse_call(self, req: dcf.Request) -> Job:
+        if req.tensors is not None:
+            return self.parse_tensors(req.tensors)
+        return self.parse(req.input, req.query, req.headers)
+
+    @staticmethod
+    def tensors_of(detections: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Detections as V2 outputs: the same numbers as the JSON answer."""
+        corners = [[d["xmin"], d["ymin"], d["xmax"], d["ymax"]] for d in detections]
+        return {
+            "boxes": np.array(corners, np.float32).reshape(-1, 4),
+            "scores": np.array([d["confidence"] for d in detections], np.float32),
+            "classes": np.array([d["class_id"] for d in detections], np.int64),
+            "labels": np.array([d["class"].encode() for d in detections], dtype=object),
+        }
+
+    def answer(self, job: Job, detections: list[dict[str, Any]]) -> Any:
+        """The detections (as V2 outputs for a V2 call), or with ``draw`` the JPEG."""
+        if job.v2:
+            return self.tensors_of(detections)
         if job.draw:
             return encode_jpeg(draw_detections(job.image, detections))
         return detections
@@ -206,14 +253,15 @@ class Handler:
         """
         if not isinstance(requests, list):
             try:
-                return self._reply(self.process(requests.input, requests.query, requests.headers))
+                job = self.parse_call(requests)
+                return self._reply(self.answer(job, self.detector.detect(job.image, job.threshold)))
             except BadInput as exc:
                 raise dcf.HTTPError(exc.status, exc.message) from None
         results: list[Any] = [None] * len(requests)
         jobs: dict[int, Job] = {}
         for index, req in enumerate(requests):
             try:
-                jobs[index] = self.parse(req.input, req.query, req.headers)
+                jobs[index] = self.parse_call(req)
             except BadInput as exc:
                 results[index] = dcf.HTTPError(exc.status, exc.message)
         if jobs:
@@ -225,7 +273,7 @@ class Handler:
         return results
 
     @staticmethod
-    def _reply(result: list[dict[str, Any]] | bytes) -> Any:
+    def _reply(result: Any) -> Any:
         if isinstance(result, bytes):
             return dcf.Response(result, headers={"content-type": "image/jpeg"})
         return result

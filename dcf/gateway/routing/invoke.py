@@ -32,6 +32,7 @@ _DROP = frozenset(
         "proxy-connection",
         "content-length",
         "host",
+        "dcf-oip",  # dcf.oip.OIP_HEADER: only the V2 routes (v2.py) set it
     }
 )
 # Set by the gateway from the body it sends; a replica's own would be wrong or chunked.
