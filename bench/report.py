@@ -627,6 +627,10 @@ def targets(results: dict) -> list[dict]:
         lambda v: v < 100,
         lambda v: f"{v - 100:.1f} MB",
     )
+    if results.get("tracing"):
+        from bench import tracing
+
+        out += tracing.targets(results["tracing"])
     return out
 
 
@@ -810,6 +814,10 @@ def render(results: dict) -> str:
     elif get(results, "raybackend", "ssd", "skipped"):
         why = results["raybackend"]["ssd"]["skipped"]
         parts += ["", f"DCF's Ray backend, SSD — skipped: {why}"]
+    if results.get("tracing"):
+        from bench import tracing
+
+        parts += ["", tracing.table(results["tracing"])]
     prof = results.get("profile") or {}
     if prof:
         parts += ["", profile_text(prof)]

@@ -1,0 +1,259 @@
+"""Tracing's cost: echo through the gateway with tracing off, on at 100% and on at 1%.
+
+All in one run, each its own gateway (and replica) on the server core(s), measured
+in interleaved rounds at 8 connections, exporting to a local OTLP/HTTP sink (on the
+load generator's core: a real collector would be a process of its own). ``off`` is
+measured twice per round, as two rows: their difference is this run's noise.
+
+With ``DCF_BENCH_BASELINE=DIR`` (a checkout of DCF, e.g. main before tracing), a
+gateway of that code runs beside them: "off is within noise of today" is then a
+ratio from the same run. ``python -m bench.tracing sink PORT`` is the sink alone.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import apps, util
+from bench.context import ECHO_BODY, Context
+from bench.echo import Target, compare
+from bench.gateway import Gateway
+
+CONNECTIONS = 8
+
+
+def serve_sink(port: int) -> None:
+    """An OTLP/HTTP endpoint that takes every export (200) and counts requests and bytes."""
+    counts = {"requests": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            size = int(self.headers.get("content-length", 0))
+            self.rfile.read(size)
+            with lock:
+                counts["requests"] += 1
+                counts["bytes"] += size
+            self._answer(b"", "application/x-protobuf")
+
+        def do_GET(self) -> None:  # noqa: N802
+            with lock:
+                self._answer(json.dumps(counts).encode(), "application/json")
+
+        def _answer(self, body: bytes, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), Sink).serve_forever()
+
+
+def _sink_counts(url: str) -> dict:
+    return json.loads(util.http("GET", url + "/stats")[1])
+
+
+def _baseline_commit(directory: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=directory,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run(ctx: Context) -> dict:
+    server = ctx.cpus.server
+    echo_dir = apps.write_echo_dir()
+    port = util.free_port()
+    sink_url = f"http://127.0.0.1:{port}"
+    sink = util.spawn(
+        [sys.executable, "-m", "bench.tracing", "sink", str(port)],
+        cpus=ctx.cpus.client,
+        cwd=util.ROOT,
+    )
+    baseline_dir = os.environ.get("DCF_BENCH_BASELINE")
+    modes: dict[str, dict] = {
+        "off": {"extra": []},
+        "on-100%": {"extra": ["--otlp-endpoint", sink_url, "--trace-sample", "1"]},
+        "on-1%": {"extra": ["--otlp-endpoint", sink_url, "--trace-sample", "0.01"]},
+    }
+    if baseline_dir:
+        modes["baseline"] = {"extra": [], "env": {"PYTHONPATH": str(Path(baseline_dir))}}
+    gateways: dict[str, Gateway] = {}
+    try:
+        util.wait_http(sink_url + "/stats", proc=sink)
+        for mode, how in modes.items():
+            util.log(f"tracing: starting the {mode} gateway")
+            # Not the bench's own OTEL_ settings, if any: only the flags turn tracing on.
+            env = {k: "" for k in os.environ if k.startswith("OTEL_")}
+            gw = gateways[mode] = Gateway(
+                cpus=server, label=mode, extra=how["extra"], env={**env, **how.get("env", {})}
+            )
+            gw.deploy("echo", echo_dir, "echo_async.py", concurrency=64)
+            status, answer = util.http("POST", gw.function_url("echo"), ECHO_BODY)
+            assert status == 200 and answer == ECHO_BODY, (mode, status, answer[:200])
+        targets: list[Target] = []
+        for mode, gw in gateways.items():
+            pids = {"gateway": gw.pid, "replica": gw.replica_pids("echo")[0]}
+            targets.append((mode, gw.function_url("echo"), pids, False))
+            if mode == "off":  # measured twice a round: the spread between the two is noise
+                targets.append(("off-again", gw.function_url("echo"), pids, False))
+        before = _sink_counts(sink_url)
+        repeats = max(ctx.repeats, 2) if not ctx.quick else 1
+        util.log(f"tracing: {CONNECTIONS} connections, {repeats} interleaved round(s)")
+        rows = compare(
+            ctx.gen,
+            targets,
+            CONNECTIONS,
+            [ECHO_BODY],
+            ctx.echo_duration,
+            ctx.warmup,
+            repeats,
+            ctx.settle,
+        )
+        time.sleep(6)  # the batch span processors' last exports (every 5 s)
+        after = _sink_counts(sink_url)
+        out: dict = {
+            "connections": CONNECTIONS,
+            "repeats": repeats,
+            "duration_s": ctx.echo_duration,
+            "cpus": ctx.cpus.describe(),
+            "generator": ctx.gen.name,
+            "rows": rows,
+            "sink": {k: after[k] - before[k] for k in after},
+        }
+        if baseline_dir:
+            out["baseline"] = {"dir": baseline_dir, "commit": _baseline_commit(baseline_dir)}
+        return out
+    finally:
+        for gw in gateways.values():
+            gw.stop()
+        util.stop(sink)
+
+
+def _rps(rows: dict, key: str) -> float | None:
+    row = rows.get(key) or {}
+    return row.get("rps")
+
+
+def table(result: dict) -> str:
+    """The markdown for ``python -m bench`` (report.py) and this part's own file."""
+    if "skipped" in result:
+        return f"## Tracing — skipped: {result['skipped']}"
+    rows = result["rows"]
+    off = _rps(rows, "off")
+    labels = {
+        "off": "tracing off",
+        "off-again": "tracing off, measured again (noise)",
+        "on-1%": "tracing on, 1% of calls sampled",
+        "on-100%": "tracing on, every call sampled",
+        "baseline": f"baseline checkout ({(result.get('baseline') or {}).get('commit', '')})",
+    }
+    lines = [
+        f"## Tracing — echo through the gateway at {result['connections']} connections;"
+        f" best of {result['repeats']} interleaved runs of {result['duration_s']} s;"
+        f" {result['cpus']}",
+        "",
+        "| gateway | req/s | vs off | p50 ms | p99 ms | CPU µs/req gateway | replica |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in labels.items():
+        row = rows.get(key)
+        if not row:
+            continue
+        cpu = row.get("cpu_us_per_req") or {}
+        ratio = f"{row['rps'] / off:.3f}" if off else "–"
+        cells = [
+            label,
+            f"{row['rps']:,.0f}",
+            ratio,
+            f"{row.get('p50_ms', 0):.3f}",
+            f"{row.get('p99_ms', 0):.3f}",
+            str(cpu.get("gateway", "–")),
+            str(cpu.get("replica", "–")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    sink = result.get("sink") or {}
+    lines += [
+        "",
+        f"The sink took {sink.get('requests', 0)} exports ({sink.get('bytes', 0):,} bytes)"
+        " during the measured runs.",
+    ]
+    return "\n".join(lines)
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's goals as ratios of this run: off within noise, 1% sampling ≤ 5% cost."""
+    if "skipped" in result:
+        return []
+    rows = result["rows"]
+    off, again = _rps(rows, "off"), _rps(rows, "off-again")
+    out = []
+    noise = abs(off / again - 1) if off and again else None
+    one = _rps(rows, "on-1%")
+    if off and one:
+        cost = 1 - one / off
+        out.append(
+            {
+                "target": "tracing on, 1% sampled: cost vs off",
+                "value": cost,
+                "measured": f"{100 * cost:.1f}%",
+                "goal": "≤ 5%",
+                "status": "MET" if cost <= 0.05 else "MISSED",
+                "note": f"this run's noise (off vs off again): {100 * noise:.1f}%"
+                if noise is not None
+                else "",
+            }
+        )
+    base = _rps(rows, "baseline")
+    if off and base:
+        delta = off / base - 1
+        within = noise is not None and abs(delta) <= max(noise, 0.02)
+        out.append(
+            {
+                "target": "tracing off vs the baseline checkout",
+                "value": delta,
+                "measured": f"{100 * delta:+.1f}%",
+                "goal": "within noise",
+                "status": "MET" if within else "MISSED",
+                "note": f"noise {100 * noise:.1f}% (2% at least)" if noise is not None else "",
+            }
+        )
+    full = _rps(rows, "on-100%")
+    if off and full:
+        out.append(
+            {
+                "target": "tracing on, every call sampled: cost vs off",
+                "value": 1 - full / off,
+                "measured": f"{100 * (1 - full / off):.1f}%",
+                "goal": "–",
+                "status": "info",
+                "note": "",
+            }
+        )
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "sink":
+        serve_sink(int(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m bench.tracing sink PORT")
