@@ -154,6 +154,13 @@ def _rps(rows: dict, key: str) -> float | None:
     return row.get("rps")
 
 
+def _cpu_per_call(rows: dict, key: str) -> float | None:
+    """CPU µs per call of the gateway and its replica together: what tracing adds to each
+    call, less swayed than req/s by other work on a shared machine."""
+    cpu = (rows.get(key) or {}).get("cpu_us_per_req") or {}
+    return sum(cpu.values()) if cpu else None
+
+
 def table(result: dict) -> str:
     """The markdown for ``python -m bench`` (report.py) and this part's own file."""
     if "skipped" in result:
@@ -221,6 +228,21 @@ def targets(result: dict) -> list[dict]:
                 "note": f"this run's noise (off vs off again): {100 * noise:.1f}%"
                 if noise is not None
                 else "",
+            }
+        )
+    cpu_off, cpu_one = _cpu_per_call(rows, "off"), _cpu_per_call(rows, "on-1%")
+    cpu_again = _cpu_per_call(rows, "off-again")
+    if cpu_off and cpu_one:
+        cost = cpu_one / cpu_off - 1
+        spread = abs(cpu_off / cpu_again - 1) if cpu_again else None
+        out.append(
+            {
+                "target": "tracing on, 1% sampled: CPU per call vs off (gateway + replica)",
+                "value": cost,
+                "measured": f"{100 * cost:+.1f}% ({cpu_one:.0f} vs {cpu_off:.0f} µs)",
+                "goal": "≤ 5%",
+                "status": "MET" if cost <= 0.05 else "MISSED",
+                "note": f"off vs off again: {100 * spread:.1f}%" if spread is not None else "",
             }
         )
     base = _rps(rows, "baseline")

@@ -11,6 +11,7 @@ import gzip
 import http.server
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -357,6 +358,25 @@ def test_an_async_job_carries_the_submits_trace_into_its_run_and_callback(
         callback.server.server_close()
 
 
+def test_calls_never_wait_for_a_collector_that_is_down(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+    gateway = TracedGateway(tmp_path / "home", ["--otlp-endpoint", dead], env).start()
+    try:
+        deploy(gateway, tmp_path, "traced-nowhere", PLAIN)
+        with gateway.http() as http:
+            started = time.monotonic()
+            for _ in range(20):
+                response = http.post("/function/traced-nowhere", content=b"x")
+                assert response.status_code == 200, response.text
+                time.sleep(0.02)
+            assert time.monotonic() - started < 10  # generous: no call waits for an export
+    finally:
+        gateway.stop()
+
+
 # -- tracing off ------------------------------------------------------------------------------
 
 
@@ -390,6 +410,7 @@ def test_with_tracing_off_neither_gateway_nor_replica_loads_opentelemetry(
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
+        (["--trace-sample", "0.5"], {}, "--trace-sample"),  # with nowhere to send them
         (["--otlp-endpoint", "ftp://collector:4318"], {}, "--otlp-endpoint"),
         (["--otlp-endpoint", "http://"], {}, "--otlp-endpoint"),
         (
