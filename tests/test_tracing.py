@@ -189,8 +189,9 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def tgw(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     home = tmp_path_factory.mktemp("tracing") / "home"
-    # Exported within 0.1 s instead of the default 5 s, so the tests wait little.
-    env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+    # Exported within 0.1 s instead of the default 5 s, so the tests wait little; and a
+    # collector credential, which must stay with the gateway.
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_EXPORTER_OTLP_HEADERS": "authorization=s3cret"}
     gateway = TracedGateway(home, ["--otlp-endpoint", receiver.url], env).start()
     yield gateway
     gateway.stop()
@@ -288,6 +289,7 @@ def test_an_unsampled_traceparent_passes_through_untraced(
     # What reached the replica: where to export, never the gateway's own OTEL_ settings.
     assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in answer["otel_env"]
     assert "OTEL_BSP_SCHEDULE_DELAY" in answer["otel_env"]
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in answer["otel_env"]
     time.sleep(0.5)
     assert not [s for s in receiver.spans if s["trace_id"] == trace_id]
 
