@@ -83,6 +83,11 @@ def from_environment(
         )
     elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         url = _traces_url(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "OTEL_EXPORTER_OTLP_ENDPOINT", True)
+    elif sample is not None:
+        raise TracingError(
+            "--trace-sample traces nothing without --otlp-endpoint or"
+            " $OTEL_EXPORTER_OTLP_ENDPOINT (where spans go)"
+        )
     else:
         return None
     if endpoint is None:

@@ -7,6 +7,7 @@ these tests see exactly what a collector would.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import http.server
 import os
@@ -216,7 +217,7 @@ def test_a_batched_call_is_one_trace_from_the_gateway_through_the_replica(
     assert (version, tid, flags) == ("00", trace_id, "01")
 
     spans = receiver.trace(
-        trace_id, {"POST /function/traced-batch", "queue", "batch wait", "handler", "model"}
+        trace_id, {"POST /function/traced-batch", "batch wait", "handler", "model"}
     )
     call = spans["POST /function/traced-batch"]
     assert call["service"] == "dcf-gateway"
@@ -226,8 +227,6 @@ def test_a_batched_call_is_one_trace_from_the_gateway_through_the_replica(
     assert attrs["dcf.version"] == 1
     assert attrs["dcf.replica"].startswith("traced-batch-v1-")
     assert attrs["http.response.status_code"] == 200
-    queue = spans["queue"]
-    assert queue["parent"] == call["span_id"] and queue["service"] == "dcf-gateway"
     # The replica's spans: the same trace, children of the gateway's span, their own service.
     wait, handler = spans["batch wait"], spans["handler"]
     for span in (wait, handler):
@@ -236,7 +235,7 @@ def test_a_batched_call_is_one_trace_from_the_gateway_through_the_replica(
         assert span["resource"]["service.instance.id"] == attrs["dcf.replica"]
         assert span["attributes"]["dcf.batch.size"] == 1
     assert wait["end"] <= handler["start"]
-    assert call["start"] <= queue["start"] <= queue["end"] <= wait["start"]
+    assert call["start"] <= wait["start"]
     assert handler["end"] <= call["end"]
     # What the handler saw: the handler span's context, so its own spans nest under it.
     assert handler["span_id"] == handler_id
@@ -254,12 +253,48 @@ def test_a_plain_call_gets_a_handler_span_and_a_new_trace_without_traceparent(
     assert answer["otel"] is True
     trace_id = answer["trace_id"]
     assert trace_id and len(trace_id) == 32
-    spans = receiver.trace(trace_id, {"POST /function/traced-plain", "queue", "handler", "inner"})
+    spans = receiver.trace(trace_id, {"POST /function/traced-plain", "handler", "inner"})
     call = spans["POST /function/traced-plain"]
     assert call["parent"] is None  # a new trace starts at the gateway
     assert spans["handler"]["parent"] == call["span_id"]
     assert spans["inner"]["parent"] == spans["handler"]["span_id"]
     assert "batch wait" not in spans
+
+
+SLOW = """
+import time
+
+
+def Handler(req):
+    time.sleep(0.4)
+    return {"trace_id": req.trace_id}
+"""
+
+
+def test_a_call_that_waits_for_a_replica_gets_a_queue_span(
+    tgw: GatewayProcess, receiver: Receiver, tmp_path: Path
+) -> None:
+    deploy(tgw, tmp_path, "traced-slow", SLOW, concurrency=1, replicas={"min": 1, "max": 1})
+    parents = [_traceparent() for _ in range(2)]
+
+    def call(traceparent: str) -> int:
+        with tgw.http() as http:
+            headers = {"traceparent": traceparent}
+            return http.post("/function/traced-slow", content=b"x", headers=headers).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(call, [p[2] for p in parents])) == [200, 200]
+    queued = []
+    for trace_id, _, _ in parents:
+        spans = receiver.trace(trace_id, {"POST /function/traced-slow", "handler"})
+        if "queue" in spans:
+            queue, call_span = spans["queue"], spans["POST /function/traced-slow"]
+            assert queue["parent"] == call_span["span_id"] and queue["service"] == "dcf-gateway"
+            assert call_span["start"] <= queue["start"] < queue["end"] <= spans["handler"]["start"]
+            queued.append((queue["end"] - queue["start"]) / 1e9)
+    # One of the two waited for the other's 0.4 s on the only slot; the one that found
+    # the slot free waited no time worth a span.
+    assert len(queued) == 1 and queued[0] > 0.2, queued
 
 
 def test_a_failing_call_is_traced_with_its_status(tgw: GatewayProcess, receiver: Receiver) -> None:

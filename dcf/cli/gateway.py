@@ -180,22 +180,10 @@ def _trace_settings(endpoint: str | None, sample: float | None) -> TraceSettings
     """Tracing from the flags and the OTEL_ variables, or a one-line usage error."""
     from dcf.telemetry import TracingError, from_environment
 
-    if sample is not None and endpoint is None and not _exporting():
-        raise click.BadParameter(
-            "traces nothing without --otlp-endpoint or $OTEL_EXPORTER_OTLP_ENDPOINT",
-            param_hint="--trace-sample",
-        )
     try:
         return from_environment(os.environ, endpoint, sample)
     except TracingError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-def _exporting() -> bool:
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
 
 
 def _job_settings(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,9 @@ PREFIX = "/function/"
 ASYNC_PREFIX = "/async-function/"
 _REPLICA_VERSION = re.compile(r".*-v(\d+)-\d+")
 _JOBS = ASYNC_PREFIX + "jobs/"
+QUEUED_NS = 50_000
+"""A wait for a replica slot this long (50 µs) or longer was a wait in the queue: a call
+that finds a free slot gets one in about a microsecond."""
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -136,24 +140,35 @@ class GatewayTracing:
         span.end()
 
     async def queued(self, acquire: Callable[[], Awaitable[ReplicaLink]]) -> ReplicaLink:
-        """``acquire`` (a replica slot, waiting in the queue if need be) in a ``queue`` span;
-        the replica it got goes on the call's span."""
+        """``acquire`` (a replica slot, waiting in the queue if need be); the replica it got
+        goes on the call's span. A call that waited gets a ``queue`` span of its wait,
+        made afterwards from the times, so one that found a free slot costs no span."""
         call = _call.get()
         if call is None:
             return await acquire()
-        span = self.tracer.start_span("queue", context=self._in_span(call))
+        start = time.time_ns()
         try:
             link = await acquire()
         except BaseException as exc:
-            span.set_attribute("dcf.refused", getattr(exc, "status", 0) or type(exc).__name__)
-            span.end()
+            refused = getattr(exc, "status", 0) or type(exc).__name__
+            self._queue_span(call, start, {"dcf.refused": refused}, always=True)
             raise
-        span.end()
+        self._queue_span(call, start)
         call.set_attribute("dcf.replica", link.id)
         version = _REPLICA_VERSION.fullmatch(link.id)
         if version is not None:
             call.set_attribute("dcf.version", int(version.group(1)))
         return link
+
+    def _queue_span(
+        self, call: Span, start: int, attributes: dict | None = None, always: bool = False
+    ) -> None:
+        end = time.time_ns()
+        if always or end - start >= QUEUED_NS:
+            span = self.tracer.start_span(
+                "queue", context=self._in_span(call), start_time=start, attributes=attributes
+            )
+            span.end(end_time=end)
 
     # async jobs ------------------------------------------------------------------------
 
