@@ -23,10 +23,35 @@ from pathlib import Path
 
 from bench import apps, util
 from bench.context import ECHO_BODY, Context
-from bench.echo import Target, compare
+from bench.echo import Target, best_of, measure
 from bench.gateway import Gateway
 
 CONNECTIONS = 8
+ORDER = ("off", "on-1%", "baseline", "off-again", "on-100%")
+"""The order of a round; ``off-again`` is the off gateway measured a second time."""
+DRAIN = 6.0
+"""Seconds after the every-call run before the next: its span processors' last exports
+(every 5 s) are done by then."""
+
+
+def _rounds(ctx: Context, targets: list[Target], repeats: int) -> dict[str, dict]:
+    """Each target warmed up, then ``repeats`` rounds of one run each, interleaved (as
+    ``echo.compare``), with a pause after the every-call run so that its exports do not
+    land on the next run."""
+    ctx.settle()
+    for key, url, _, python in targets:
+        ctx.gen.run(url, CONNECTIONS, ctx.warmup, [ECHO_BODY], warmup=0, python=python)
+        if key == "on-100%":
+            time.sleep(DRAIN)
+    runs: dict[str, list[dict]] = {key: [] for key, *_ in targets}
+    for _ in range(repeats):
+        for key, url, pids, python in targets:
+            duration = ctx.echo_duration
+            result = measure(ctx.gen, url, CONNECTIONS, duration, [ECHO_BODY], 0, pids, python)
+            runs[key].append(result)
+            if key == "on-100%":
+                time.sleep(DRAIN)
+    return {key: best_of(r) for key, r in runs.items()}
 
 
 def serve_sink(port: int) -> None:
@@ -202,25 +227,16 @@ def run(ctx: Context) -> dict:
             status, answer = util.http("POST", gw.function_url("echo"), ECHO_BODY)
             assert status == 200 and answer == ECHO_BODY, (mode, status, answer[:200])
         targets: list[Target] = []
-        for mode, gw in gateways.items():
+        # Every call sampled goes last in a round: its gateway and replica go on exporting
+        # their backlog for a while after their run, on the cores the next run uses.
+        for mode in [m for m in ORDER if m.removesuffix("-again") in gateways]:
+            gw = gateways[mode.removesuffix("-again")]
             pids = {"gateway": gw.pid, "replica": gw.replica_pids("echo")[0]}
             targets.append((mode, gw.function_url("echo"), pids, False))
-            if mode == "off":  # measured twice a round: the spread between the two is noise
-                targets.append(("off-again", gw.function_url("echo"), pids, False))
         before = _sink_counts(sink_url)
         repeats = max(ctx.repeats, 2) if not ctx.quick else 1
         util.log(f"tracing: {CONNECTIONS} connections, {repeats} interleaved round(s)")
-        rows = compare(
-            ctx.gen,
-            targets,
-            CONNECTIONS,
-            [ECHO_BODY],
-            ctx.echo_duration,
-            ctx.warmup,
-            repeats,
-            ctx.settle,
-        )
-        time.sleep(6)  # the batch span processors' last exports (every 5 s)
+        rows = _rounds(ctx, targets, repeats)
         after = _sink_counts(sink_url)
         util.log("tracing: its CPU per call, in process")
         cost = overhead(sink_url)
