@@ -38,6 +38,8 @@ _call: ContextVar[Span | None] = ContextVar("dcf_call_span", default=None)
 # As in routing/invoke.py, which imports the router, which imports this module.
 PREFIX = "/function/"
 ASYNC_PREFIX = "/async-function/"
+V2_MODELS = "/v2/models/"
+"""Open Inference Protocol calls, when the gateway's V2 door is wrapped too."""
 _REPLICA_VERSION = re.compile(r".*-v(\d+)-\d+")
 _JOBS = ASYNC_PREFIX + "jobs/"
 QUEUED_NS = 50_000
@@ -243,6 +245,14 @@ def _describe(method: str, path: str) -> tuple[str, dict[str, Any]]:
     attributes: dict[str, Any] = {"http.request.method": method, "url.path": path}
     if path.startswith(_JOBS):
         return f"{method} {_JOBS}{{id}}", attributes
+    if path.startswith(V2_MODELS):  # /v2/models/NAME[/versions/V][/infer|/ready]
+        function, _, rest = path[len(V2_MODELS) :].partition("/")
+        attributes["dcf.function"] = function
+        last = rest.rsplit("/", 1)[-1] if rest else ""
+        action = f"/{last}" if last in ("infer", "ready") else ""
+        return f"{method} {V2_MODELS}{function}{action}", attributes
+    if not path.startswith((PREFIX, ASYNC_PREFIX)):
+        return f"{method} {path}", attributes
     prefix = PREFIX if path.startswith(PREFIX) else ASYNC_PREFIX
     function = path[len(prefix) :].partition("/")[0]
     attributes["dcf.function"] = function
