@@ -1,9 +1,9 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
-Parts: echo, ssd, coldstart, memory, cli, ray (Ray Serve), raybackend (DCF's
-Ray backend), oip (V2 infer beside MLServer, bench/oip.py) (all of these by
-default; ``--quick`` leaves the two Ray parts out unless named) and profile
-(only when named). Prints a markdown table and writes
+Parts: echo, tracing (echo with tracing off and on), ssd, coldstart, memory, cli,
+ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2 infer beside MLServer,
+bench/oip.py) (all of these by default; ``--quick`` leaves the two Ray parts out
+unless named) and profile (only when named). Prints a markdown table and writes
 ``bench/results/<name>.json`` and ``<name>.md``, and ``latest.json``/``latest.md``
 (``latest-quick.*`` for ``--quick``).
 """
@@ -22,8 +22,19 @@ from pathlib import Path
 from bench import report, util
 from bench.context import Context
 
-PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip", "profile")
-DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip")
+PARTS = (
+    "echo",
+    "tracing",
+    "ssd",
+    "coldstart",
+    "memory",
+    "cli",
+    "ray",
+    "raybackend",
+    "oip",
+    "profile",
+)
+DEFAULT = ("echo", "tracing", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip")
 RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
@@ -80,7 +91,7 @@ def _versions() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="DCF's benchmarks: echo, SSD, cold start, memory, CLI, Ray Serve, "
+        description="DCF's benchmarks: echo, tracing, SSD, cold start, memory, CLI, Ray Serve, "
         "DCF's Ray backend, V2 (Open Inference Protocol) beside MLServer, profile.",
     )
     parser.add_argument(
@@ -212,6 +223,10 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import echo
 
         return echo.run(ctx)
+    if part == "tracing":
+        from bench import tracing
+
+        return tracing.run(ctx)
     if part == "ssd":
         from bench import ssd
 

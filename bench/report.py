@@ -630,6 +630,10 @@ def targets(results: dict) -> list[dict]:
     from bench import oip  # the V2 part's own rows (bench/oip.py)
 
     out += oip.targets(results)
+    if results.get("tracing"):
+        from bench import tracing
+
+        out += tracing.targets(results["tracing"])
     return out
 
 
@@ -818,6 +822,10 @@ def render(results: dict) -> str:
     v2 = oip.section(results)
     if v2:
         parts += ["", v2]
+    if results.get("tracing"):
+        from bench import tracing
+
+        parts += ["", tracing.table(results["tracing"])]
     prof = results.get("profile") or {}
     if prof:
         parts += ["", profile_text(prof)]

@@ -11,17 +11,22 @@ def create_backend(
     ray_address: str | None = "auto",
     ray_namespace: str = "dcf",
     isolation: str = "process",
+    telemetry: dict[str, str] | None = None,
 ) -> Backend:
-    """The backend named ``kind``; ValueError with one line if it cannot start here."""
+    """The backend named ``kind``; ValueError with one line if it cannot start here.
+
+    ``telemetry``: the OTEL_ variables every replica gets so that its spans are exported
+    (``dcf.telemetry.replica_environment``); None with tracing off.
+    """
     if kind == "local":
         from dcf.backends.local import LocalBackend
 
-        return LocalBackend(run_dir, isolation)
+        return LocalBackend(run_dir, isolation, telemetry)
     if kind == "ray":
         if isolation != "process":
             raise ValueError("the ray backend has no sandbox yet: use --isolation process")
         # Imported only here: the local backend must work without Ray installed.
         from dcf.backends.ray import RayBackend
 
-        return RayBackend(ray_address, ray_namespace)
+        return RayBackend(ray_address, ray_namespace, telemetry)
     raise ValueError(f"unknown backend {kind!r}: choose local or ray")

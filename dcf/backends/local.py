@@ -156,10 +156,13 @@ class LocalReplica:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, run_dir: str, isolation: str = "process") -> None:
+    def __init__(
+        self, run_dir: str, isolation: str = "process", telemetry: dict[str, str] | None = None
+    ) -> None:
         # Unix socket paths are limited to ~100 bytes, so they live in a short dir.
         self._run_dir = run_dir
         self.isolation = isolation
+        self._telemetry = dict(telemetry or {})
         self._bwrap: str | None = None
         self._cgroups: int | None = None
         if isolation == "sandbox":
@@ -205,8 +208,9 @@ class LocalBackend:
         os.makedirs(sock_dir, mode=0o700, exist_ok=True)
         address = os.path.join(sock_dir, "wire.sock")
         secret = secrets.token_bytes(32)
-        # Not the gateway's environment: the basics, the function's own, then ours.
-        env = clean_environment(spec.environment)
+        # Not the gateway's environment: the basics, where spans go (tracing on), the
+        # function's own, then ours.
+        env = clean_environment({**self._telemetry, **spec.environment})
         env.update(
             HANDLER_DIR=spec.code_dir,
             HANDLER_FILE=spec.handler_file,

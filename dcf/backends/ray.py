@@ -244,8 +244,14 @@ class RayReplica:
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str | None = "auto", namespace: str = "dcf") -> None:
+    def __init__(
+        self,
+        address: str | None = "auto",
+        namespace: str = "dcf",
+        telemetry: dict[str, str] | None = None,
+    ) -> None:
         connect(address, namespace)
+        self._telemetry = dict(telemetry or {})
         self.secret = secrets.token_bytes(32)
         self._actor_class = ray.remote(ReplicaActor)
         self._archives: dict[str, asyncio.Task[tuple[Any, str]]] = {}
@@ -284,6 +290,7 @@ class RayBackend:
             }
         payload = asdict(spec)
         payload["code_name"] = code_name
+        payload["telemetry"] = self._telemetry  # where its spans go, with tracing on
         actor = self._actor_class.options(**options).remote(payload, self.secret)
         replica = RayReplica(spec, actor, actor.start.remote(archive), self)
         self._count(replica, target)

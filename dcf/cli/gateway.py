@@ -14,6 +14,7 @@ from dcf.cli.limit_options import with_limits
 if TYPE_CHECKING:
     from dcf.gateway.jobs.api import JobSettings
     from dcf.gateway.limits import Limits
+    from dcf.telemetry import TraceSettings
 
 
 @click.group()
@@ -92,6 +93,19 @@ def gateway() -> None:
     show_default=True,
     help="Bytes of job bodies and results on disk before 429.",
 )
+@click.option(
+    "--otlp-endpoint",
+    metavar="URL",
+    help="Trace every call to this OTLP/HTTP collector (base URL, e.g. http://127.0.0.1:4318;"
+    " default: $OTEL_EXPORTER_OTLP_ENDPOINT, unset: no tracing).",
+)
+@click.option(
+    "--trace-sample",
+    type=float,
+    metavar="RATIO",
+    help="Share of new traces kept, 0 to 1 (parentbased_traceidratio; default:"
+    " $OTEL_TRACES_SAMPLER / $OTEL_TRACES_SAMPLER_ARG, else every one).",
+)
 @with_limits
 @click.pass_context
 def start(
@@ -111,6 +125,8 @@ def start(
     job_result_max: str,
     job_max: int,
     job_max_bytes: str,
+    otlp_endpoint: str | None,
+    trace_sample: float | None,
     limits: Limits,
 ) -> None:
     """Start the gateway in the foreground."""
@@ -127,6 +143,7 @@ def start(
     from dcf.gateway.app import DEFAULT_MAX_BODY, Settings, create_app
 
     jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes, port)
+    tracing = _trace_settings(otlp_endpoint, trace_sample)
     os.environ.pop("DCF_TOKEN", None)  # replicas must not see it
     try:
         settings = Settings(
@@ -139,6 +156,7 @@ def start(
             ray_namespace=ray_namespace,
             jobs=jobs,
             limits=limits,
+            tracing=tracing,
         )
         app = create_app(settings)
     except ValueError as exc:  # a backend that cannot start here: say why in one line
@@ -156,6 +174,16 @@ def start(
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+
+
+def _trace_settings(endpoint: str | None, sample: float | None) -> TraceSettings | None:
+    """Tracing from the flags and the OTEL_ variables, or a one-line usage error."""
+    from dcf.telemetry import TracingError, from_environment
+
+    try:
+        return from_environment(os.environ, endpoint, sample)
+    except TracingError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _job_settings(

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dcf import __version__
+from dcf import __version__, telemetry
 from dcf.backends import create_backend
 from dcf.gateway.api import build_router
 from dcf.gateway.body_timeout import BodyClock
@@ -25,6 +25,7 @@ from dcf.gateway.jobs.api import Jobs, JobSettings
 from dcf.gateway.lifecycle.autoscaler import Autoscaler
 from dcf.gateway.lifecycle.functions import FunctionError, FunctionManager
 from dcf.gateway.limits import Limits
+from dcf.gateway.observe import tracing
 from dcf.gateway.observe.logs import LogStore
 from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.openapi import install as install_openapi
@@ -62,6 +63,8 @@ class Settings:
     ray_namespace: str = "dcf"
     jobs: JobSettings = field(default_factory=JobSettings)
     limits: Limits = field(default_factory=Limits)
+    tracing: telemetry.TraceSettings | None = None
+    """Where spans go, and how many: None is tracing off."""
 
 
 class Gateway:
@@ -73,12 +76,15 @@ class Gateway:
         self.metrics = Metrics()
         self.logs = LogStore(settings.home / "logs", follow_buffer=settings.limits.follow_buffer)
         self.run_dir = RunDir()  # and the run dirs of gateways that were killed, removed
+        # Started first: a gateway that cannot trace as asked does not start at all.
+        self.tracing = tracing.start(settings.tracing) if settings.tracing else None
         self.backend = create_backend(
             settings.backend,
             self.run_dir.path,
             settings.ray_address,
             settings.ray_namespace,
             settings.isolation,
+            telemetry=telemetry.replica_environment(settings.tracing) if settings.tracing else None,
         )
         self.manager = FunctionManager(
             settings.home, self.backend, self.logs, self.metrics, settings.limits
@@ -105,6 +111,9 @@ class Gateway:
             guard=self.guard,
             body_clock=self.body_clock,
         )
+        # With tracing on, a span around each call (observe/tracing.py); off, nothing.
+        self.data_plane = self.invoke if self.tracing is None else self.tracing.wrap(self.invoke)
+        self.v2 = self.v2 if self.tracing is None else self.tracing.wrap(self.v2)
         self.api = self._build_api()
         # The token, then the body limit, before FastAPI reads a byte (admission.py).
         deploy_body = deploy_body_limit(settings.limits.max_upload, settings.max_body)
@@ -117,7 +126,7 @@ class Gateway:
         if scope["type"] == "http":
             path = scope["path"]
             if path.startswith(PREFIX) or path.startswith(ASYNC_PREFIX):
-                await self.invoke(scope, receive, send)
+                await self.data_plane(scope, receive, send)
                 return
             if is_v2(path):
                 await self.v2(scope, receive, send)
@@ -145,6 +154,8 @@ class Gateway:
             await self.backend.close()
             self.run_dir.close()
             self.logs.close()
+            if self.tracing is not None:
+                self.tracing.close()
 
     async def _flush_forever(self) -> None:
         while True:

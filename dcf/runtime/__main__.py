@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from dcf.runtime import tracing
 from dcf.runtime.handler import Invoker, handler_error, load_target
 from dcf.runtime.server import http_app, serve_socket
 
@@ -97,7 +98,7 @@ def main() -> None:
         sys.stderr.flush()
         _report(status_fd, {"failed": reason})
         sys.exit(3)
-    invoker = Invoker(target, function, threads)
+    invoker = tracing.wrap(Invoker(target, function, threads), info)
     # The model and the modules stay for the replica's life: keep full collections
     # from rescanning them under load.
     gc.collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.util
 import inspect
 import json
@@ -75,6 +76,7 @@ class Invoker:
         self.inline = not self._async and options is None and threads < 1
         workers = 1 if options else threads
         self._pool = None if self._async or self.inline else ThreadPoolExecutor(workers)
+        self.batch_options = options
         self.batcher = Batcher(self._run, options) if options else None
 
     async def _run(self, arg: Any) -> Any:
@@ -82,7 +84,9 @@ class Invoker:
             return await self._target(arg)
         if self.inline:
             return self._target(arg)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._target, arg)
+        # In the call's context, which holds its span when it is traced (runtime/tracing.py).
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run, self._target, arg)
 
     def call_now(self, request: Request) -> Result:
         """A sync handler's call, run right here: the replica's fast path when it is inline."""

@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dcf.runtime import tracing
 from dcf.runtime.handler import Invoker, handler_error, load_target
 from dcf.runtime.server import open_server
 
@@ -118,6 +119,7 @@ class ReplicaActor:
         spec = self._spec
         info = {"function": spec["function"], "version": str(spec["version"])}
         info["replica"] = spec["replica_id"]
+        os.environ.update(spec.get("telemetry") or {})  # the function's own settings win
         os.environ.update(spec["environment"])
         os.environ.update(
             DCF_FUNCTION=info["function"],
@@ -136,7 +138,7 @@ class ReplicaActor:
             sys.stderr.write(reason)
             return {"failed": reason}
         threads = int(os.environ.get("DCF_THREADS", "0") or 0)
-        invoker = Invoker(target, info["function"], threads)
+        invoker = tracing.wrap(Invoker(target, info["function"], threads), info)
         gc.collect()
         gc.freeze()  # as in a local replica: the model is not rescanned by full collections
         host = ray.util.get_node_ip_address()

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcf.telemetry import parse_traceparent
+
 
 @dataclass(slots=True)
 class Request:
@@ -24,6 +26,13 @@ class Request:
     @property
     def body(self) -> bytes:
         return self.input
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace this call belongs to (32 hex digits, from its W3C ``traceparent``
+        header), or None. With tracing on, that header names the call's handler span."""
+        parent = parse_traceparent(self.headers.get("traceparent"))
+        return parent[0] if parent is not None else None
 
     def text(self) -> str:
         return self.input.decode("utf-8")

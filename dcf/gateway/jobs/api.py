@@ -34,6 +34,7 @@ from dcf.gateway.jobs.store import (
     Job,
     JobStore,
 )
+from dcf.gateway.observe import tracing
 from dcf.gateway.routing.invoke import (
     _DROP,
     _FRAMING,
@@ -396,10 +397,9 @@ class Jobs:
             await self._fail(job, 500, "the job's body is missing from the job store")
             return
         start = time.perf_counter()
+        call = pool.call if tracing.active is None else tracing.active.job_call(job, pool.call)
         try:
-            status, headers, answer = await pool.call(
-                job.method, job.path, job.query, job.headers, body
-            )
+            status, headers, answer = await call(job.method, job.path, job.query, job.headers, body)
         except CallError as exc:
             del body
             if exc.status != 404 and not self._function_gone(job):
@@ -497,7 +497,10 @@ class Jobs:
                 job.function, "jobs", f"callback of job {job.id}, attempt {attempt}: {error}"
             )
 
-        error = await self._callbacks.deliver(job.callback, headers, body, attempt_failed)
+        deliver = self._callbacks.deliver
+        if tracing.active is not None:
+            deliver = tracing.active.callback(job, deliver)
+        error = await deliver(job.callback, headers, body, attempt_failed)
         with contextlib.suppress(Exception):  # the store closed as the gateway stopped
             await self._io(
                 self.store.set_callback_state, job.id, "failed" if error else "delivered"

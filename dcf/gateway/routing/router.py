@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from dcf import wire
+from dcf.gateway.observe import tracing
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -403,7 +404,10 @@ class Pool:
         try:
             async with deadline(self.timeout):
                 while True:
-                    link = await self._acquire()
+                    if tracing.active is None:
+                        link = await self._acquire()
+                    else:  # the queue wait in a span (observe/tracing.py)
+                        link = await tracing.active.queued(self._acquire)
                     answer = None
                     try:
                         answer = await link.send(method, path, query, headers, body)
