@@ -1,6 +1,6 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
-Parts: echo, ssd, coldstart, memory, cli, ray (Ray Serve), raybackend (DCF's
+Parts: echo, ssd, coldstart, memory, cli, streaming, ray (Ray Serve), raybackend (DCF's
 Ray backend) (all of these by default; ``--quick`` leaves the two Ray parts out
 unless named) and profile (only when named). Prints a markdown
 table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
@@ -21,8 +21,8 @@ from pathlib import Path
 from bench import report, util
 from bench.context import Context
 
-PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "profile")
-DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "ray", "raybackend")
+PARTS = ("echo", "ssd", "coldstart", "memory", "cli", "streaming", "ray", "raybackend", "profile")
+DEFAULT = ("echo", "ssd", "coldstart", "memory", "cli", "streaming", "ray", "raybackend")
 RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
@@ -79,7 +79,7 @@ def _versions() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="DCF's benchmarks: echo, SSD, cold start, memory, CLI, Ray Serve, "
+        description="DCF's benchmarks: echo, SSD, cold start, memory, CLI, streaming, Ray Serve, "
         "DCF's Ray backend, profile.",
     )
     parser.add_argument(
@@ -230,6 +230,10 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import cli
 
         return cli.run(ctx)
+    if part == "streaming":
+        from bench import streaming
+
+        return streaming.run(ctx)
     if part == "ray":
         from bench import ray_serve
 

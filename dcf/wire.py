@@ -160,7 +160,7 @@ CREDIT = b"!credit"
 CANCEL = b"!cancel"
 CREDIT_BODY = struct.Struct("!II")  # items, bytes consumed
 
-STREAM_WINDOW_ITEMS = 16
+STREAM_WINDOW_ITEMS = 256
 STREAM_WINDOW_BYTES = 1 << 20
 
 

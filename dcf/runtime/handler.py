@@ -81,6 +81,8 @@ class Invoker:
         self.inline = not self._async and options is None and threads < 1
         workers = 1 if options else threads
         self._pool = None if self._async or self.inline else ThreadPoolExecutor(workers)
+        self.threads = self._pool
+        """Where a sync generator's steps run: None for the replica's loop (streaming.py)."""
         self.batcher = Batcher(self._run, options) if options else None
 
     async def _run(self, arg: Any) -> Any:

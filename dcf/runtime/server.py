@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 from dcf import wire
 from dcf.runtime.handler import Invoker, Result
 from dcf.runtime.request import Request
-from dcf.runtime.streaming import Items, StreamOut, content_type, encode
+from dcf.runtime.streaming import Items, Stream, StreamOut, content_type, encode
 
 
 def make_request(
@@ -105,7 +105,11 @@ class GatewayConnection(asyncio.Protocol):
 
     def _stream(self, call_id: int, result: Result) -> None:
         """A generator's answer, item by item, until END (streaming.py)."""
-        stream = StreamOut(self.emit, call_id, result, self._invoker.error)  # type: ignore[arg-type]
+        invoker = self._invoker
+        body: Stream = result[2]  # type: ignore[assignment]
+        stream = StreamOut(
+            self.emit, call_id, (*result[:2], body), invoker.error, invoker.threads, self._flush
+        )
         self._streams[call_id] = stream
         task = stream.task = self._loop.create_task(stream.run())
         self._tasks.add(task)
@@ -210,7 +214,7 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
             )
             status, headers, out = await invoker(request)
             if type(out) is not bytes:
-                await _send_stream(send, status, headers, out)
+                await _send_stream(send, status, headers, out, invoker)
                 return
         await send(
             {
@@ -231,9 +235,11 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
     return app
 
 
-async def _send_stream(send, status: int, headers: wire.Headers, stream) -> None:  # noqa: ANN001
+async def _send_stream(  # noqa: ANN001 - ASGI's send
+    send, status: int, headers: wire.Headers, stream: Stream, invoker: Invoker
+) -> None:
     """A generator's items as HTTP chunks, when the replica is run alone (no gateway, no credit)."""
-    items = Items(stream.source)
+    items = Items(stream.source, invoker.threads)
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     started = False
     try:

@@ -2,8 +2,9 @@
 
 A handler that returns (or is) a generator, sync or async, answers with its
 items as they are made (``wire``'s stream frames). A sync generator is stepped
-on a worker thread, so a ``time.sleep`` between items holds neither the
-replica's loop nor the other calls on it; an async one runs on the loop.
+where its handler runs (``Invoker``): on the replica's loop, one step at a time
+between the other calls' work, or on the handler's threads when it has some
+(``DCF_THREADS``); an async one runs on the loop.
 
 The gateway grants credit for items as its caller reads them: the generator is
 not stepped while ``STREAM_WINDOW_*`` items or bytes wait unread, so a slow
@@ -16,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
+import time
 import traceback
 import types
 from collections.abc import Callable
@@ -34,7 +35,6 @@ ITEM_MAX = 64 << 20
 """Bytes one item may hold: a raw 4K video frame fits."""
 
 _DONE = object()
-_pool: ThreadPoolExecutor | None = None
 
 
 class Stream:
@@ -80,21 +80,24 @@ def content_type(first: Any) -> str:
     return "application/x-ndjson"
 
 
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        workers = max(1, int(os.environ.get("DCF_CONCURRENCY", "4") or 4))
-        _pool = ThreadPoolExecutor(workers, thread_name_prefix="dcf-stream")
-    return _pool
-
-
 class Items:
-    """Steps a handler's generator: sync ones on a worker thread, async ones on the loop."""
+    """Steps a handler's generator: a sync one on ``threads`` if given, else on the loop."""
 
-    def __init__(self, source: Any) -> None:
+    YIELD_EVERY = 0.001
+    """Seconds of sync steps on the loop before the loop gets a turn (to read a CANCEL)."""
+
+    def __init__(
+        self,
+        source: Any,
+        threads: ThreadPoolExecutor | None = None,
+        flush: Callable[[], None] | None = None,
+    ) -> None:
         self._source = source
         self._async = isinstance(source, types.AsyncGeneratorType)
+        self._threads = threads
+        self._flush = flush
         self._step: Future | None = None  # a sync step under way on its thread
+        self._yielded = time.monotonic()
         self.done = False
 
     async def next(self) -> Any:
@@ -105,9 +108,19 @@ class Items:
             except StopAsyncIteration:
                 self.done = True
                 return _DONE
-        self._step = _threads().submit(next, self._source, _DONE)
-        item = await asyncio.wrap_future(self._step)
-        self._step = None
+        if self._threads is None:
+            # A step may take long (a sleep, a model's next token): what was made so far
+            # leaves first, and the loop gets a turn now and then to read what came.
+            if time.monotonic() - self._yielded > self.YIELD_EVERY or self._flush is None:
+                await asyncio.sleep(0)
+                self._yielded = time.monotonic()
+            else:
+                self._flush()
+            item = next(self._source, _DONE)
+        else:
+            self._step = self._threads.submit(next, self._source, _DONE)
+            item = await asyncio.wrap_future(self._step)
+            self._step = None
         if item is _DONE:
             self.done = True
         return item
@@ -125,7 +138,10 @@ class Items:
             if step is not None and not step.cancel():
                 with contextlib.suppress(BaseException):
                     await asyncio.wrap_future(step)
-            await asyncio.wrap_future(_threads().submit(self._source.close))
+            if self._threads is None:
+                self._source.close()
+            else:
+                await asyncio.wrap_future(self._threads.submit(self._source.close))
 
 
 class StreamOut:
@@ -137,11 +153,13 @@ class StreamOut:
         call_id: int,
         result: tuple[int, wire.Headers, Stream],
         error: Callable[[int, str], tuple[int, wire.Headers, bytes]],
+        threads: ThreadPoolExecutor | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         self._emit = emit
         self._call_id = call_id
         self._status, self._headers, stream = result
-        self._items = Items(stream.source)
+        self._items = Items(stream.source, threads, flush)
         self._error = error
         self._unread_items = 0
         self._unread_bytes = 0

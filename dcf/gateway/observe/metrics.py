@@ -120,8 +120,8 @@ class Metrics:
     def stream_started(self, function: str) -> None:
         self._stream_metrics(function)[0].inc()
 
-    def stream_item(self, function: str) -> None:
-        self._stream_metrics(function)[1].inc()
+    def stream_items(self, function: str, count: int) -> None:
+        self._stream_metrics(function)[1].inc(count)
 
     def stream_first_item(self, function: str, seconds: float) -> None:
         self._stream_metrics(function)[2].observe(seconds)
