@@ -9,16 +9,18 @@ between the handler and the test can buffer an answer unseen.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import GatewayProcess, write_function
+from tests.conftest import REPO, GatewayProcess, free_port, write_function
 
 STREAMS = """
 import asyncio
@@ -145,8 +147,11 @@ def sgw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 class RawStream:
     """One HTTP/1.1 call on a plain socket; chunks are read off it as they arrive."""
 
-    def __init__(self, gw: GatewayProcess, path: str, headers: dict[str, str] | None = None):
-        self.sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    def __init__(
+        self, gw: GatewayProcess | int, path: str, headers: dict[str, str] | None = None
+    ) -> None:
+        port = gw if isinstance(gw, int) else gw.port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         lines = [f"POST {path} HTTP/1.1", "Host: test", "Content-Length: 0"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.started = time.perf_counter()
@@ -341,3 +346,31 @@ def test_batched_handlers_cannot_stream(sgw: GatewayProcess) -> None:
     assert sgw.dcf("function", "create", "-f", str(config), "batched").returncode == 1
     info = sgw.wait_status("batched", "Failed")
     assert "a @dcf.batch handler cannot stream" in (info["failure"] or info["last_error"])
+
+
+def test_a_replica_run_alone_streams_over_http(tmp_path: Path) -> None:
+    """``python -m dcf.runtime`` without a gateway (the function's Dockerfile) streams too."""
+    write_function(tmp_path, "alone", STREAMS)
+    port = free_port()
+    env = {
+        "HANDLER_DIR": str(tmp_path / "alone"),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DCF_READY_FILE": str(tmp_path / "ready"),
+        "PYTHONPATH": str(REPO),
+        "PATH": os.environ["PATH"],
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "dcf.runtime"], env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the replica did not start"
+            time.sleep(0.05)
+        call = RawStream(port, "/?n=3&gap=0.2")
+        got = list(call.chunks())
+        call.close()
+        assert [json.loads(c) for _, c in got] == [{"i": i} for i in range(3)]
+        assert got[0][0] < 0.2 and got[-1][0] >= 0.35, got
+    finally:
+        proc.terminate()
+        proc.wait(10)
