@@ -385,7 +385,7 @@ def streaming_table(results: dict) -> str | None:
         [
             "streamed answer",
             "TTFI p50 / p99",
-            "TTFI − handler's 5 ms",
+            "TTFI after 5 ms of work − 5 ms",
             "items/s (16 B)",
             "vs bare",
             "items/s SSE",
@@ -664,16 +664,18 @@ def targets(results: dict) -> list[dict]:
         lambda v: f"{v - 0.15:.3f} s",
     )
 
-    # streamed answers
-    over = get(results, "streaming", "gateway-sync", "ttfi_over_own_ms")
-    add(
-        "time to first streamed item over the handler's own (p50, sync generator)",
-        over,
-        f"{_num(over, 3)} ms",
-        "≤ 2 ms",
-        lambda v: v <= 2,
-        lambda v: f"{v - 2:.3f} ms",
-    )
+    # streamed answers: the handler yields at once, so all of the TTFI is over its own time
+    for kind in ("sync", "async"):
+        over = get(results, "streaming", f"gateway-{kind}", "ttfi", "p50_ms")
+        bare = get(results, "streaming", "bare", "ttfi", "p50_ms")
+        add(
+            f"time to first streamed item over the handler's own (p50, {kind} generator)",
+            over,
+            f"{_num(over, 3)} ms" + (f" (bare Starlette {_num(bare, 3)} ms)" if bare else ""),
+            "≤ 2 ms",
+            lambda v: v <= 2,
+            lambda v: f"{v - 2:.3f} ms",
+        )
 
     # memory
     rss = max(
