@@ -118,17 +118,17 @@ class StreamIn:
                 if self._failure is not None:
                     raise self._failure
                 return None
-            now = time.monotonic()
             idle = min(IDLE, self.timeout) if self.timeout else IDLE
-            wait = min(self.deadline - now, idle)
-            if wait <= 0:
-                self._expire(now)
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self._expire(idle, timeout=True)
                 continue
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, wait)
+                await asyncio.wait_for(self._waiter, min(left, idle))
             except asyncio.TimeoutError:
-                self._expire(time.monotonic())
+                # Which bound it was, as chosen: a timer may fire a little early.
+                self._expire(idle, timeout=left <= idle)
             finally:
                 self._waiter = None
 
@@ -138,12 +138,11 @@ class StreamIn:
             return self._items.popleft()
         return None
 
-    def _expire(self, now: float) -> None:
-        if now >= self.deadline:
+    def _expire(self, idle: float, timeout: bool) -> None:
+        if timeout:
             message = f"the stream did not end within {self.timeout:g}s (the function's timeout)"
             self.cancel(StreamCut("timeout", message))
         else:
-            idle = min(IDLE, self.timeout) if self.timeout else IDLE
             self.cancel(StreamCut("idle", f"the stream sent nothing for {idle:g}s"))
 
     def consumed(self, count: int, size: int) -> None:
