@@ -1,11 +1,11 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
-Parts: echo, tracing (echo with tracing off and on), ssd, coldstart, memory, cli,
-ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2 infer beside MLServer,
-bench/oip.py) (all of these by default; ``--quick`` leaves the two Ray parts out
-unless named) and profile (only when named). Prints a markdown table and writes
-``bench/results/<name>.json`` and ``<name>.md``, and ``latest.json``/``latest.md``
-(``latest-quick.*`` for ``--quick``).
+Parts (``PARTS``): echo, tracing (echo with tracing off and on), ssd, coldstart,
+memory, cli, streaming, ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2
+infer beside MLServer, bench/oip.py), all of these by default (``--quick`` leaves
+the two Ray parts out unless named), and profile (only when named). Prints a
+markdown table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
+``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ from pathlib import Path
 from bench import report, util
 from bench.context import Context
 
-PARTS = (
+DEFAULT = (
     "echo",
     "tracing",
     "ssd",
     "coldstart",
     "memory",
     "cli",
+    "streaming",
     "ray",
     "raybackend",
     "oip",
-    "profile",
 )
-DEFAULT = ("echo", "tracing", "ssd", "coldstart", "memory", "cli", "ray", "raybackend", "oip")
+PARTS = (*DEFAULT, "profile")
 RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
@@ -91,8 +91,7 @@ def _versions() -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="DCF's benchmarks: echo, tracing, SSD, cold start, memory, CLI, Ray Serve, "
-        "DCF's Ray backend, V2 (Open Inference Protocol) beside MLServer, profile.",
+        description="DCF's benchmarks, side by side in one run (parts: see below).",
     )
     parser.add_argument(
         "parts",
@@ -246,6 +245,10 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import cli
 
         return cli.run(ctx)
+    if part == "streaming":
+        from bench import streaming
+
+        return streaming.run(ctx)
     if part == "ray":
         from bench import ray_serve
 

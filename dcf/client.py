@@ -202,6 +202,26 @@ class Client:
             "POST", f"/function/{quote(name, safe='/')}", body=body, params=query, headers=headers
         )
 
+    @contextlib.contextmanager
+    def invoke_stream(
+        self, name: str, body: bytes = b"", query: dict | None = None, headers: dict | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        """Call a function and read its answer as it arrives: a streamed answer item by
+        item, any other in one piece. A non-2xx answer raises GatewayError, as ``invoke``;
+        a stream that breaks off raises GatewayError after the items that came."""
+        path, body, headers = self._prepare(
+            f"/function/{quote(name, safe='/')}", body, None, query, headers
+        )
+        conn = self._connect(self.timeout)
+        try:
+            raw = self._send(conn, "POST", path, body, headers)
+            if raw.status >= 400:
+                error = self._read(raw)
+                raise GatewayError(raw.status, _error_message(error), error.content)
+            yield _chunks(raw, name)
+        finally:
+            conn.close()
+
     def invoke_async(
         self,
         name: str,
@@ -357,6 +377,18 @@ def _lines(raw: http.client.HTTPResponse, url: str) -> Iterator[str]:
             yield line.decode(errors="replace").rstrip("\r\n")
     except (OSError, http.client.HTTPException) as exc:
         raise GatewayUnreachable(url, _reason(exc)) from None
+
+
+def _chunks(raw: http.client.HTTPResponse, name: str) -> Iterator[bytes]:
+    try:
+        while chunk := raw.read1(1 << 16):
+            yield chunk
+    except http.client.IncompleteRead:
+        raise GatewayError(
+            0, f"the answer of {name} broke off before its end (see: dcf function log {name})"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise GatewayError(0, f"the answer of {name} broke off ({_reason(exc)})") from None
 
 
 def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:

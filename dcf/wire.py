@@ -137,3 +137,42 @@ class FrameReader:
         if start:
             del buffer[:start]
         return frames
+
+
+# Streamed answers -------------------------------------------------------------
+#
+# A handler that yields answers with several response frames, all with
+# ``batch == STREAM`` (a batch never streams, so the batch branch is the only one
+# that looks): first an OPEN frame (``status`` is the HTTP status, meta the
+# headers), then ITEM frames (one item each), then END (body empty) or ERROR
+# (body: the error as JSON). The gateway grants credit for items with CREDIT
+# control frames (a replica keeps at most ``STREAM_WINDOW_ITEMS`` items or
+# ``STREAM_WINDOW_BYTES`` bytes unacknowledged, one item always) and asks the
+# replica to stop with CANCEL; a replica answers CANCEL with END. Control frames
+# are request frames whose meta starts with ``CONTROL``.
+
+STREAM = 0xFFFF
+ITEM, END, ERROR = 1, 2, 3
+"""Kinds of stream frames after the OPEN one (an HTTP status is never below 100)."""
+
+CONTROL = ord("!")
+CREDIT = b"!credit"
+CANCEL = b"!cancel"
+CREDIT_BODY = struct.Struct("!II")  # items, bytes consumed
+
+STREAM_WINDOW_ITEMS = 256
+STREAM_WINDOW_BYTES = 1 << 20
+
+
+def stream_open_frame(call_id: int, status: int, headers: Headers) -> list[bytes]:
+    return response_frame(call_id, status, headers, b"", STREAM)
+
+
+def stream_frame(call_id: int, kind: int, body: bytes = b"") -> list[bytes]:
+    """An ITEM, END or ERROR frame."""
+    return [RESPONSE_HEAD.pack(call_id, kind, STREAM, 0, len(body)), b"", body]
+
+
+def control_frame(call_id: int, kind: bytes, body: bytes = b"") -> list[bytes]:
+    """A CREDIT or CANCEL frame, gateway to replica."""
+    return [REQUEST_HEAD.pack(call_id, len(kind), len(body)), kind, body]

@@ -55,6 +55,8 @@ def test_openapi_document_is_complete(guarded: GatewayProcess):
             if "{name}" in path:
                 assert "404" in operation["responses"], (method, path)
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+    streamed = paths["/function/{name}"]["post"]["responses"]["200"]["content"]
+    assert {"text/event-stream", "application/x-ndjson"} <= set(streamed)
     logs = paths["/system/function/{name}/logs"]["get"]["responses"]["200"]["content"]
     assert list(logs) == ["text/plain"]
     deploy_request = doc["components"]["schemas"]["DeployRequest"]["properties"]["function"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from dcf.cli.keys import keys
-from dcf.cli.options import client_for, fail, gateway_option, print_table, write_answer
+from dcf.cli.options import client_for, fail, gateway_option, print_table, write_chunks
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -272,8 +272,8 @@ def _call(
         if is_async:
             click.echo(client.invoke_async(name, body, params, headers))
             return
-        response = client.invoke(name, body, params, headers)
-    write_answer(response.content)
+        with client.invoke_stream(name, body, params, headers) as chunks:
+            write_chunks(chunks)  # a streamed answer: each item as it arrives
 
 
 _call_options = [

@@ -75,3 +75,17 @@ def write_answer(content: bytes) -> None:
     if content and not content.endswith(b"\n") and sys.stdout.isatty():
         sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
+
+
+def write_chunks(chunks: Iterator[bytes]) -> None:
+    """An answer byte for byte as it arrives; on a terminal, ended with a newline if it
+    lacks one."""
+    last = b""
+    out = sys.stdout.buffer
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+        last = chunk
+    if last and not last.endswith(b"\n") and sys.stdout.isatty():
+        out.write(b"\n")
+    out.flush()

@@ -89,6 +89,14 @@ def _name_param(description: str) -> dict[str, Any]:
     }
 
 
+_STREAMED = {
+    **_ANY,
+    # A generator's items as they are made: dict/list items one JSON line each, or SSE.
+    "application/x-ndjson": {"schema": {"type": "string"}},
+    "text/event-stream": {"schema": {"type": "string"}},
+}
+
+
 def _data_plane() -> dict[str, Any]:
     """The routes served before FastAPI: sync invocation (invoke.py) and jobs (jobs.py)."""
     raw_body = {
@@ -100,12 +108,15 @@ def _data_plane() -> dict[str, Any]:
         "summary": "Invoke a function",
         "description": "The body goes to the handler as bytes; its answer comes back as is, "
         "with the status and headers the handler gave (so any status may come back). "
+        "A handler that yields (a generator) streams: each item leaves as it is made, in "
+        "chunked transfer, or as Server-Sent Events (data: per item, event: error if it "
+        "fails midway) for a caller that sends Accept: text/event-stream. "
         "Errors the gateway answers itself are JSON {error, function}.",
         "operationId": "invoke",
         "parameters": [_name_param("The function")],
         "requestBody": raw_body,
         "responses": {
-            "200": {"description": "The handler's answer", "content": _ANY},
+            "200": {"description": "The handler's answer", "content": _STREAMED},
             **_errors(401, 404, 408, 413, 429, 502, 503, 504),
             "default": {
                 "description": "The handler's answer, with its own status",

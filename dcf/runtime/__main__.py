@@ -92,13 +92,14 @@ def main() -> None:
             env.get("HANDLER_FILE", "handler.py"),
             env.get("HANDLER_NAME", "Handler"),
         )
+        invoker = Invoker(target, function, threads)  # refuses a handler it cannot serve
     except BaseException as exc:  # noqa: BLE001 - report any load failure, then stop
         reason = handler_error(exc)
         sys.stderr.write(reason)
         sys.stderr.flush()
         _report(status_fd, {"failed": reason})
         sys.exit(3)
-    invoker = tracing.wrap(Invoker(target, function, threads), info)
+    invoker = tracing.wrap(invoker, info)
     # The model and the modules stay for the replica's life: keep full collections
     # from rescanning them under load.
     gc.collect()

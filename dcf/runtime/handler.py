@@ -18,8 +18,10 @@ from typing import Any
 from dcf.oip import OIP_HEADER
 from dcf.runtime.batching import Batcher, batch_options, is_async
 from dcf.runtime.request import HTTPError, Request, Response
+from dcf.runtime.streaming import SOURCES, Stream, is_generator_function
 
 Result = tuple[int, list[tuple[str, str]], bytes]
+"""(status, headers, body); the body is a ``Stream`` when the handler streams (streaming.py)."""
 
 JSON = "application/json"
 
@@ -73,10 +75,17 @@ class Invoker:
         self._target = target
         self._async = is_async(target)
         options = batch_options(target) or batch_options(type(target).__call__)
+        if options and is_generator_function(target):
+            raise TypeError(
+                f"{function!r}: a @dcf.batch handler cannot stream (it is a generator);"
+                " return a list of whole answers, or drop @dcf.batch to stream"
+            )
         self.inline = not self._async and options is None and threads < 1
         workers = 1 if options else threads
         self._pool = None if self._async or self.inline else ThreadPoolExecutor(workers)
         self.batch_options = options
+        self.threads = self._pool
+        """Where a sync generator's steps run: None for the replica's loop (streaming.py)."""
         self.batcher = Batcher(self._run, options) if options else None
 
     async def _run(self, arg: Any) -> Any:
@@ -110,7 +119,11 @@ class Invoker:
             call = v2_call(request) if OIP_HEADER in request.headers else None
             if self.batcher is not None:
                 value, batch = await self.batcher.submit(request)
-                return (render(value) if call is None else call.encode(value)), batch
+                result = render(value) if call is None else call.encode(value)
+                if type(result[2]) is not bytes:
+                    message = "a @dcf.batch handler cannot stream: return whole answers"
+                    return self.error(500, message), batch
+                return result, batch
             value = await self._run(request)
             return (render(value) if call is None else call.encode(value)), 0
         except HTTPError as exc:
@@ -141,6 +154,8 @@ def render(value: Any) -> Result:
         return 200, [("content-type", "text/plain; charset=utf-8")], value.encode()
     if value is None:
         return 200, [], b""
+    if isinstance(value, SOURCES):
+        return 200, [], Stream(value)  # type: ignore[return-value]
     return 200, [("content-type", JSON)], json.dumps(value).encode()
 
 

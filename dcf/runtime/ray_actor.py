@@ -133,12 +133,13 @@ class ReplicaActor:
             target = await asyncio.to_thread(
                 load_target, code_dir, spec["handler_file"], spec["handler_name"]
             )
+            threads = int(os.environ.get("DCF_THREADS", "0") or 0)
+            invoker = Invoker(target, info["function"], threads)  # refuses what it cannot serve
         except BaseException as exc:  # noqa: BLE001 - report any load failure to the gateway
             reason = handler_error(exc)
             sys.stderr.write(reason)
             return {"failed": reason}
-        threads = int(os.environ.get("DCF_THREADS", "0") or 0)
-        invoker = tracing.wrap(Invoker(target, info["function"], threads), info)
+        invoker = tracing.wrap(invoker, info)
         gc.collect()
         gc.freeze()  # as in a local replica: the model is not rescanned by full collections
         host = ray.util.get_node_ip_address()

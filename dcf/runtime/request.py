@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,8 @@ class Request:
 class Response:
     """A handler's answer when it needs a status code or headers of its own."""
 
-    body: bytes | str | dict | list | None = b""
+    body: bytes | str | dict | list | Iterator | AsyncIterator | None = b""
+    """A generator (sync or async) streams; status and headers go before its first item."""
     status: int = 200
     headers: Mapping[str, str] | None = None
 

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 from dcf import wire
 from dcf.runtime.handler import Invoker, Result
 from dcf.runtime.request import Request
+from dcf.runtime.streaming import Items, Stream, StreamOut, content_type, encode
 
 
 def make_request(
@@ -48,6 +49,7 @@ class GatewayConnection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._secret = secret
         self._unproven = 0  # bytes read before the HELLO
+        self._streams: dict[int, StreamOut] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -79,6 +81,9 @@ class GatewayConnection(asyncio.Protocol):
         invoker = self._invoker
         frames = self._prove(data) if self._secret is not None else self._reader.feed(data)
         for call_id, meta, body in frames:
+            if meta[0] == wire.CONTROL:
+                self._control(call_id, meta, body)
+                continue
             request = make_request(*wire.parse_request_meta(meta), body, self._info)
             if invoker.inline:
                 self._answer(call_id, invoker.call_now(request), 0)
@@ -91,9 +96,41 @@ class GatewayConnection(asyncio.Protocol):
         self._answer(call_id, *await self._invoker.serve(request))
 
     def _answer(self, call_id: int, result: Result, batch: int) -> None:
+        if type(result[2]) is not bytes:
+            self._stream(call_id, result)
+            return
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox += wire.response_frame(call_id, *result, batch)
+
+    def _stream(self, call_id: int, result: Result) -> None:
+        """A generator's answer, item by item, until END (streaming.py)."""
+        invoker = self._invoker
+        body: Stream = result[2]  # type: ignore[assignment]
+        stream = StreamOut(
+            self.emit, call_id, (*result[:2], body), invoker.error, invoker.threads, self._flush
+        )
+        self._streams[call_id] = stream
+        task = stream.task = self._loop.create_task(stream.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._streams.pop(call_id, None))
+
+    def _control(self, call_id: int, meta: bytes, body: bytes) -> None:
+        """CREDIT or CANCEL from the gateway, for a stream that may have ended meanwhile."""
+        stream = self._streams.get(call_id)
+        if stream is None:
+            return
+        if meta == wire.CREDIT:
+            stream.grant(body)
+        elif meta == wire.CANCEL:
+            stream.cancel()
+
+    def emit(self, parts: list[bytes]) -> None:
+        """Frames to write with this turn's other answers."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox += parts
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -176,6 +213,9 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
                 info,
             )
             status, headers, out = await invoker(request)
+            if type(out) is not bytes:
+                await _send_stream(send, status, headers, out, invoker)
+                return
         await send(
             {
                 "type": "http.response.start",
@@ -193,3 +233,29 @@ def http_app(invoker: Invoker, info: dict[str, str], ready_file: str | None):  #
         await send({"type": "http.response.body", "body": out})
 
     return app
+
+
+async def _send_stream(  # noqa: ANN001 - ASGI's send
+    send, status: int, headers: wire.Headers, stream: Stream, invoker: Invoker
+) -> None:
+    """A generator's items as HTTP chunks, when the replica is run alone (no gateway, no credit)."""
+    items = Items(stream.source, invoker.threads)
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    started = False
+    try:
+        while True:
+            item = await items.next()
+            if items.done:
+                break
+            data = encode(item)
+            if not started:
+                started = True
+                if not any(k == b"content-type" for k, _ in raw):
+                    raw.append((b"content-type", content_type(item).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        if not started:
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await items.close()

@@ -44,6 +44,7 @@ from dcf.gateway.routing.invoke import (
     send_json,
 )
 from dcf.gateway.routing.router import CallError
+from dcf.gateway.routing.stream import collect
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -400,6 +401,8 @@ class Jobs:
         call = pool.call if tracing.active is None else tracing.active.job_call(job, pool.call)
         try:
             status, headers, answer = await call(job.method, job.path, job.query, job.headers, body)
+            if type(answer) is not bytes:  # streamed: the job keeps the whole answer
+                answer = await collect(answer, self.settings.result_max)
         except CallError as exc:
             del body
             if exc.status != 404 and not self._function_gone(job):

@@ -66,6 +66,32 @@ class Metrics:
             "Calls to names with no function.",
             registry=self.registry,
         )
+        self._streams = Counter(
+            "dcf_function_streams",
+            "Streamed answers begun (a generator's items sent as they come).",
+            ["function"],
+            registry=self.registry,
+        )
+        self._stream_items = Counter(
+            "dcf_function_stream_items",
+            "Items of streamed answers sent to callers.",
+            ["function"],
+            registry=self.registry,
+        )
+        self._stream_ends = Counter(
+            "dcf_function_stream_ends",
+            "Streamed answers ended, by how: complete, error, timeout, idle or disconnect.",
+            ["function", "reason"],
+            registry=self.registry,
+        )
+        self._first_item = Histogram(
+            "dcf_function_stream_first_item_seconds",
+            "Time from request to a streamed answer's first item, gateway included.",
+            ["function"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._stream_children: dict[str, tuple] = {}
         self._call_children: dict[tuple[str, int], object] = {}
         self._latency_children: dict[str, object] = {}
         self._windows: dict[str, deque[tuple[float, list[float]]]] = {}
@@ -80,6 +106,28 @@ class Metrics:
         if hist is None:
             hist = self._latency_children[function] = self._latency.labels(function)
         hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def _stream_metrics(self, function: str) -> tuple:
+        children = self._stream_children.get(function)
+        if children is None:
+            children = self._stream_children[function] = (
+                self._streams.labels(function),
+                self._stream_items.labels(function),
+                self._first_item.labels(function),
+            )
+        return children
+
+    def stream_started(self, function: str) -> None:
+        self._stream_metrics(function)[0].inc()
+
+    def stream_items(self, function: str, count: int) -> None:
+        self._stream_metrics(function)[1].inc(count)
+
+    def stream_first_item(self, function: str, seconds: float) -> None:
+        self._stream_metrics(function)[2].observe(seconds)
+
+    def stream_ended(self, function: str, reason: str) -> None:
+        self._stream_ends.labels(function, reason).inc()
 
     def batch_observer(self, function: str) -> Callable[[int], None]:
         return self._batch.labels(function).observe
@@ -128,6 +176,13 @@ class Metrics:
         self._windows.pop(function, None)
         with contextlib.suppress(KeyError):
             self._batch.remove(function)
+        if self._stream_children.pop(function, None) is not None:
+            for metric in (self._streams, self._stream_items, self._first_item):
+                with contextlib.suppress(KeyError):
+                    metric.remove(function)
+            for reason in ("complete", "error", "timeout", "idle", "disconnect"):
+                with contextlib.suppress(KeyError):
+                    self._stream_ends.remove(function, reason)
 
     def add_state_collector(self, snapshot: Callable[[], Iterable[dict]]) -> None:
         self.registry.register(_StateCollector(snapshot))

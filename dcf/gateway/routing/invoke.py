@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from dcf.gateway.body_timeout import BodyClock, BodyTimeout, BodyTooLarge, read_all
 from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.routing.router import CallError, Pool, Result
+from dcf.gateway.routing.stream import relay
 
 if TYPE_CHECKING:
     from dcf.gateway.security.keys import Guard
@@ -117,6 +118,9 @@ class Invoke:
             await send_json(send, exc.status, {"error": exc.message, "function": name}, extra)
             return
         self.metrics.observe(name, status, time.perf_counter() - start)
+        if type(body) is not bytes:  # a generator's items, as they come (stream.py)
+            await relay(send, receive, scope, name, status, headers, body, self.metrics, start)
+            return
         await send(
             {
                 "type": "http.response.start",

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from dcf import wire
 from dcf.gateway.observe import tracing
+from dcf.gateway.routing.stream import StreamIn
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -54,6 +55,7 @@ else:  # pragma: no cover - Python 3.10
 
 
 Result = tuple[int, wire.Headers, bytes]
+"""(status, headers, body); the body is a ``StreamIn`` for a streamed answer (stream.py)."""
 
 
 class NotDelivered(ConnectionError):
@@ -86,6 +88,7 @@ class ReplicaChannel(asyncio.Protocol):
         self.closing = False
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[Result]] = {}
+        self._streams: dict[int, StreamIn] = {}
         self._ids = itertools.count(1)
         self._reader = wire.FrameReader(wire.RESPONSE_HEAD)
         self._outbox: list[bytes] = []
@@ -98,14 +101,47 @@ class ReplicaChannel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for call_id, status, batch, meta, body in self._reader.feed(data):
-            if batch and self.on_batch is not None:
-                self.on_batch(batch)
+            if batch:
+                if batch == wire.STREAM:
+                    self._streamed(call_id, status, meta, body)
+                    continue
+                if self.on_batch is not None:
+                    self.on_batch(batch)
             future = self._pending.pop(call_id, None)
             if future is not None and not future.done():
                 future.set_result((status, wire.parse_response_meta(meta), body))
 
+    def _streamed(self, call_id: int, kind: int, meta: bytes, body: bytes) -> None:
+        """A frame of a streamed answer: its OPEN resolves the call, with a StreamIn as body."""
+        if kind == wire.ITEM:
+            stream = self._streams.get(call_id)
+            if stream is not None:
+                stream.push(body)
+        elif kind in (wire.END, wire.ERROR):
+            stream = self._streams.pop(call_id, None)
+            if stream is not None:
+                stream.end(body if kind == wire.ERROR else None)
+        else:
+            stream = self._streams[call_id] = StreamIn(self, call_id)
+            future = self._pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_result((kind, wire.parse_response_meta(meta), stream))  # type: ignore[arg-type]
+            else:
+                stream.cancel()
+
+    def control(self, call_id: int, kind: bytes, body: bytes = b"") -> None:
+        """A CREDIT or CANCEL frame for a stream, written with this turn's calls."""
+        if self.closed:
+            return
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox += wire.control_frame(call_id, kind, body)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.end(b'{"error": "the replica closed the connection during the stream"}')
         pending, self._pending = self._pending, {}
         written = self._written_upto
         for call_id, future in pending.items():
@@ -336,6 +372,10 @@ class Pool:
             watch.cancel()
         if not answer.cancelled():
             answer.exception()  # retrieved, so a lost replica's error is not reported as unread
+            if answer.exception() is None and type(stream := answer.result()[2]) is not bytes:
+                stream.cancel()  # nobody reads it: stop it, free the slot once it ended
+                stream.hold(functools.partial(self._release, link), 0.0, 0.0)
+                return
         self._release(link)
 
     def _timed_out(self, link: ReplicaLink, answer: asyncio.Future[Result]) -> None:
@@ -399,8 +439,9 @@ class Pool:
     async def call(
         self, method: str, path: str, query: str, headers: wire.Headers, body: bytes
     ) -> Result:
-        self.last_call = time.monotonic()
+        started = self.last_call = time.monotonic()
         self.inflight += 1
+        held = False  # a streamed answer: slot and count are given back when it ends
         try:
             async with deadline(self.timeout):
                 while True:
@@ -415,6 +456,10 @@ class Pool:
                         # it answers, so its slot is released then, not now.
                         result = await asyncio.shield(answer)
                         link.missed = 0
+                        if type(result[2]) is not bytes:
+                            held = True
+                            ended = functools.partial(self._stream_ended, link)
+                            result[2].hold(ended, started, self.timeout)
                         return result
                     except NotDelivered:
                         if link.dead:
@@ -428,7 +473,9 @@ class Pool:
                             f" ({why or type(exc).__name__})",
                         ) from None
                     finally:
-                        if answer is None or answer.done():
+                        if held:
+                            pass
+                        elif answer is None or answer.done():
                             self._release(link)
                         else:
                             self._timed_out(link, answer)
@@ -437,8 +484,14 @@ class Pool:
                 504, f"{self.function!r} did not answer within {self.timeout:g}s"
             ) from None
         finally:
-            self.inflight -= 1
-            self.last_call = time.monotonic()
+            if not held:
+                self.inflight -= 1
+                self.last_call = time.monotonic()
+
+    def _stream_ended(self, link: ReplicaLink) -> None:
+        self._release(link)
+        self.inflight -= 1
+        self.last_call = time.monotonic()
 
     def reject_waiting(self, status: int, message: str) -> None:
         while self.waiters:
