@@ -25,12 +25,13 @@ import secrets
 import socket
 import tarfile
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import dcf
 from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
+from dcf.sandbox.summary import shown_limits
 
 try:
     import ray
@@ -115,6 +116,14 @@ def _demand(spec: ReplicaSpec) -> dict[str, float]:
     return {name: amount for name, amount in demand.items() if amount}
 
 
+def _reserve_limits(spec: ReplicaSpec) -> ReplicaSpec:
+    """A limit with no request is also the request, as in Kubernetes: Ray reserves what a
+    sandboxed replica may use, so a node holds no more replicas than it can cap (and where
+    its cgroups are not writable, the reservation is what stands for the CPU limit)."""
+    cpu = spec.cpu if spec.cpu is not None else spec.cpu_limit
+    return replace(spec, cpu=cpu, memory=spec.memory or spec.memory_limit)
+
+
 def _show(resources: dict[str, float]) -> str:
     parts = []
     for name, amount in sorted(resources.items()):
@@ -180,6 +189,7 @@ class RayReplica:
         self._started = started
         self._backend = backend
         self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._enforced_by: str | None = None
 
     def watch(self, log: LogSink) -> None:
         asyncio.get_running_loop().create_task(self._watch(log))
@@ -189,10 +199,15 @@ class RayReplica:
         reason = "ended"
         try:
             while True:
-                node_ip, lines = await self._actor.logs.remote(LOG_POLL)
+                node_ip, lines, ended = await self._actor.logs.remote(LOG_POLL)
                 source = f"{self.id}@{node_ip}"
                 for line in lines:
                     log(source, line)
+                if ended is not None:  # its sandboxed runtime is gone: so is the replica
+                    reason = ended
+                    with contextlib.suppress(RayError):
+                        await asyncio.to_thread(ray.kill, self._actor, no_restart=True)
+                    break
         except RuntimeEnvSetupError as exc:
             reason = f"could not set up its environment:\n{_tail(exc)}"
         except RayActorError as exc:
@@ -221,6 +236,7 @@ class RayReplica:
         self.node = info["node_id"]
         self.node_ip = info["node_ip"]
         self.pid = info["pid"]
+        self._enforced_by = info.get("enforced_by")
         self.detail = None
         self._backend._placed(self)
 
@@ -230,7 +246,9 @@ class RayReplica:
     async def stop(self, grace: float = 5.0) -> None:
         if not self._ended.done():
             with contextlib.suppress(RayError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._actor.stop.remote(), min(grace, 1.0))
+                ended = await asyncio.wait_for(self._actor.stop.remote(), min(grace, 1.0))
+                if ended and not self._ended.done():  # its runtime had ended by itself
+                    self._ended.set_result(ended)
             await asyncio.to_thread(ray.kill, self._actor, no_restart=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.exited(), grace)
@@ -238,14 +256,30 @@ class RayReplica:
                 self._ended.set_result("was stopped")
 
     def where(self) -> dict[str, Any]:
-        return {"node": self.node, "node_ip": self.node_ip}
+        where: dict[str, Any] = {"node": self.node, "node_ip": self.node_ip}
+        if self._backend.isolation == "sandbox":
+            spec = self._spec
+            limits = shown_limits(
+                memory_limit=spec.memory_limit,
+                cpu_limit=spec.cpu_limit,
+                pids=spec.pids,
+                tmp_size=spec.tmp_size,
+                network=spec.network,
+            )
+            if self._enforced_by:  # known once its node has started it
+                limits["enforced_by"] = self._enforced_by
+            where.update(isolation="sandbox", limits=limits)
+        return where
 
 
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str | None = "auto", namespace: str = "dcf") -> None:
+    def __init__(
+        self, address: str | None = "auto", namespace: str = "dcf", isolation: str = "process"
+    ) -> None:
         connect(address, namespace)
+        self.isolation = isolation
         self.secret = secrets.token_bytes(32)
         self._actor_class = ray.remote(ReplicaActor)
         self._archives: dict[str, asyncio.Task[tuple[Any, str]]] = {}
@@ -257,6 +291,8 @@ class RayBackend:
         self._live: set[RayReplica] = set()
 
     async def start(self, spec: ReplicaSpec, log: LogSink) -> RayReplica:
+        if self.isolation == "sandbox":
+            spec = _reserve_limits(spec)
         demand = _demand(spec)
         nodes = await asyncio.to_thread(ray.nodes)
         why = infeasible(spec.function, demand, nodes)
@@ -284,6 +320,7 @@ class RayBackend:
             }
         payload = asdict(spec)
         payload["code_name"] = code_name
+        payload["isolation"] = self.isolation
         actor = self._actor_class.options(**options).remote(payload, self.secret)
         replica = RayReplica(spec, actor, actor.start.remote(archive), self)
         self._count(replica, target)
