@@ -1,4 +1,5 @@
-"""Replicas on a Ray cluster: each one a Ray actor hosting the runtime in-process.
+"""Replicas on a Ray cluster: each one a Ray actor hosting the runtime in-process
+(with isolation ``sandbox``: in bwrap on the actor's node, see runtime/ray_sandbox.py).
 
 Ray is the control plane only. It places replicas (num_cpus, num_gpus, memory
 and custom resources from the config), ships the function's code to their

@@ -1,4 +1,6 @@
-"""A replica as a Ray actor: the runtime, hosted in the actor's own process.
+"""A replica as a Ray actor: the runtime, hosted in the actor's own process
+(or, with isolation ``sandbox``, in a bwrap sandbox the actor starts and
+supervises on its node: ray_sandbox.py).
 
 Ray places the actor, ships the function's code to its node and reports its
 death; calls never go through Ray. The actor serves ``dcf.wire`` on a TCP port

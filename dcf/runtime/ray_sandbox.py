@@ -59,7 +59,10 @@ class SandboxedRuntime:
         self._run_dir: str | None = None
         self._relay: asyncio.AbstractServer | None = None
         self._watch: asyncio.Task[str] | None = None
+        self._runtime: Any = None
+        """The runtime's psutil.Process, once it serves."""
         self._oom = False
+        self._stopping = False
         self.reason: str | None = None
         """Why the runtime ended, once it has."""
         self.on_end: list[Any] = []
@@ -69,7 +72,7 @@ class SandboxedRuntime:
         """Start the runtime and wait until it serves: its address, pid and how it is capped."""
         spec = self._spec
         binary = probe.bwrap_binary()
-        problem = probe.sandbox_problem()
+        problem = await asyncio.to_thread(probe.sandbox_problem)  # runs bwrap once
         if binary is None or problem:
             return {
                 "failed": f"cannot sandbox replicas on the Ray node {self._host}: {problem};"
@@ -216,13 +219,14 @@ class SandboxedRuntime:
         return {"failed": f"replica {self._spec['replica_id']} {why} before it was ready"}
 
     def _runtime_pid(self) -> int | None:
-        """The runtime's pid on the node (bwrap's child's child), for ``info``."""
+        """The runtime's pid on the node (bwrap's child's child), for ``info`` and stop."""
         assert self._proc is not None
         import psutil  # Ray ships it to every node (ray/thirdparty_files)
 
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self._proc.pid).children(recursive=True):
                 if child.cmdline()[1:3] == ["-m", "dcf.runtime"]:
+                    self._runtime = child
                     return child.pid
         return self._proc.pid
 
@@ -238,7 +242,8 @@ class SandboxedRuntime:
             await _remove(self._cgroup)
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
-        await asyncio.sleep(DRAIN)  # its last lines are still on their way to the log
+        if not self._stopping:  # it ended by itself: its last lines (the why) are on their way
+            await asyncio.sleep(DRAIN)
         self.reason = oom_reason(self._spec.get("memory_limit")) if oom else _exit_reason(code)
         for callback in self.on_end:
             callback()
@@ -258,8 +263,13 @@ class SandboxedRuntime:
         if self._proc is None:
             return self.reason
         on_its_own = self._proc.returncode is not None
+        self._stopping = not on_its_own
         if not on_its_own:
-            self._kill_group(signal.SIGTERM)
+            # bwrap gives the runtime a session of its own, out of reach of our group's
+            # signals: it is told to stop by its pid (psutil checks that pid is still it).
+            if self._runtime is not None:
+                with contextlib.suppress(Exception):  # psutil.Error: it is gone already
+                    self._runtime.terminate()
             try:
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), grace)
             except asyncio.TimeoutError:
