@@ -80,7 +80,9 @@ class SandboxedRuntime:
             }
         root = Path(tempfile.gettempdir()) / f"dcf-ray-{os.getuid()}" / "run"
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._run_dir = tempfile.mkdtemp(prefix=f"{spec['replica_id'][:40]}-", dir=root)
+        _sweep(root)
+        prefix = f"{spec['replica_id'][:40]}.{os.getpid()}."
+        self._run_dir = tempfile.mkdtemp(prefix=prefix, dir=root)
         network = spec.get("network", "host") != "none"
         reserved: socket.socket | None = None
         if network:
@@ -277,6 +279,21 @@ class SandboxedRuntime:
         if self._watch is not None:
             await asyncio.shield(self._watch)
         return self.reason if on_its_own or self._oom else None
+
+
+def _sweep(root: Path) -> None:
+    """Remove the run dirs of actors that are gone: one killed (its node's end, a stop
+    that outran its grace) had no time to remove its own."""
+    for entry in root.iterdir():
+        parts = entry.name.rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 def _exit_reason(code: int) -> str:
