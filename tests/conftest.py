@@ -70,7 +70,7 @@ class GatewayProcess:
             cmd += ["--token", self.token]
         # The whole suite in another isolation mode: DCF_TEST_ISOLATION=sandbox pytest ...
         isolation = os.environ.get("DCF_TEST_ISOLATION")
-        if isolation and "--isolation" not in self.extra and "ray" not in self.extra:
+        if isolation and "--isolation" not in self.extra:
             cmd += ["--isolation", isolation]
         env = self.env()
         env.pop("DCF_TOKEN", None)

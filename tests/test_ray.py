@@ -7,6 +7,7 @@ traffic leaves loopback, with health checks fast enough to see a node die in ~2 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -46,7 +47,9 @@ import os
 print("replica says hello", flush=True)
 
 def Handler(req):
-    return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+    # The replica by name: in a sandbox every runtime's pid is the same (its own namespace).
+    replica = os.environ.get("DCF_REPLICA")
+    return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(), "id": replica}
 """
 
 
@@ -175,15 +178,27 @@ FORKER = """
 import subprocess
 
 def Handler(req):
-    child = subprocess.Popen(["sleep", "300"])
-    return {"child": child.pid}
+    subprocess.Popen(["sleep", req.input.decode()])
+    return "forked"
 """
+
+
+def _pid_of(argv: list[str]) -> int | None:
+    """The host's pid of the process running ``argv`` (a sandbox's pids are its own)."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes() == wanted:
+                return int(proc.name)
+    return None
 
 
 def test_what_a_handler_forked_ends_with_its_replica(rgw: GatewayProcess, tmp_path: Path) -> None:
     deploy(rgw, tmp_path, "forker", FORKER, requests={"cpu": "0.25"})
+    marker = f"300.{os.getpid()}"  # this test's child, and no other process, sleeps this long
     with rgw.http() as http:
-        child = http.post("/function/forker").json()["child"]
+        assert http.post("/function/forker", content=marker).status_code == 200
+    child = wait_until(lambda: _pid_of(["sleep", marker]), timeout=5)
     assert Path(f"/proc/{child}").exists()
     rgw.dcf("function", "delete", "forker", check=True)
     wait_until(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), timeout=15)
@@ -313,7 +328,7 @@ def test_scale_to_zero_and_back(rgw: GatewayProcess, tmp_path: Path) -> None:
     )
     rgw.dcf("function", "create", "-f", str(config), "napper", check=True)
     rgw.wait_status("napper", "Scaled to zero", timeout=30)
-    assert replicas(rgw, "napper") == []
+    wait_until(lambda: replicas(rgw, "napper") == [], timeout=10)  # the last one has stopped
     answer = rgw.dcf("function", "call", "napper", input="awake", check=True)
     assert answer.stdout == b"awake"
     rgw.dcf("function", "scale", "napper", "--min", "2", "--max", "2", check=True)

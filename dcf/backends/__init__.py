@@ -23,10 +23,8 @@ def create_backend(
 
         return LocalBackend(run_dir, isolation, telemetry)
     if kind == "ray":
-        if isolation != "process":
-            raise ValueError("the ray backend has no sandbox yet: use --isolation process")
         # Imported only here: the local backend must work without Ray installed.
         from dcf.backends.ray import RayBackend
 
-        return RayBackend(ray_address, ray_namespace, telemetry)
+        return RayBackend(ray_address, ray_namespace, isolation, telemetry)
     raise ValueError(f"unknown backend {kind!r}: choose local or ray")

@@ -1,4 +1,5 @@
-"""Replicas on a Ray cluster: each one a Ray actor hosting the runtime in-process.
+"""Replicas on a Ray cluster: each one a Ray actor hosting the runtime in-process
+(with isolation ``sandbox``: in bwrap on the actor's node, see runtime/ray_sandbox.py).
 
 Ray is the control plane only. It places replicas (num_cpus, num_gpus, memory
 and custom resources from the config), ships the function's code to their
@@ -25,12 +26,13 @@ import secrets
 import socket
 import tarfile
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import dcf
 from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
+from dcf.sandbox.summary import shown_limits
 
 try:
     import ray
@@ -115,6 +117,14 @@ def _demand(spec: ReplicaSpec) -> dict[str, float]:
     return {name: amount for name, amount in demand.items() if amount}
 
 
+def _reserve_limits(spec: ReplicaSpec) -> ReplicaSpec:
+    """A limit with no request is also the request, as in Kubernetes: Ray reserves what a
+    sandboxed replica may use, so a node holds no more replicas than it can cap (and where
+    its cgroups are not writable, the reservation is what stands for the CPU limit)."""
+    cpu = spec.cpu if spec.cpu is not None else spec.cpu_limit
+    return replace(spec, cpu=cpu, memory=spec.memory or spec.memory_limit)
+
+
 def _show(resources: dict[str, float]) -> str:
     parts = []
     for name, amount in sorted(resources.items()):
@@ -180,6 +190,7 @@ class RayReplica:
         self._started = started
         self._backend = backend
         self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._enforced_by: str | None = None
 
     def watch(self, log: LogSink) -> None:
         asyncio.get_running_loop().create_task(self._watch(log))
@@ -189,10 +200,15 @@ class RayReplica:
         reason = "ended"
         try:
             while True:
-                node_ip, lines = await self._actor.logs.remote(LOG_POLL)
+                node_ip, lines, ended = await self._actor.logs.remote(LOG_POLL)
                 source = f"{self.id}@{node_ip}"
                 for line in lines:
                     log(source, line)
+                if ended is not None:  # its sandboxed runtime is gone: so is the replica
+                    reason = ended
+                    with contextlib.suppress(RayError):
+                        await asyncio.to_thread(ray.kill, self._actor, no_restart=True)
+                    break
         except RuntimeEnvSetupError as exc:
             reason = f"could not set up its environment:\n{_tail(exc)}"
         except RayActorError as exc:
@@ -221,6 +237,7 @@ class RayReplica:
         self.node = info["node_id"]
         self.node_ip = info["node_ip"]
         self.pid = info["pid"]
+        self._enforced_by = info.get("enforced_by")
         self.detail = None
         self._backend._placed(self)
 
@@ -230,7 +247,9 @@ class RayReplica:
     async def stop(self, grace: float = 5.0) -> None:
         if not self._ended.done():
             with contextlib.suppress(RayError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._actor.stop.remote(), min(grace, 1.0))
+                ended = await asyncio.wait_for(self._actor.stop.remote(), min(grace, 1.0))
+                if ended and not self._ended.done():  # its runtime had ended by itself
+                    self._ended.set_result(ended)
             await asyncio.to_thread(ray.kill, self._actor, no_restart=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.exited(), grace)
@@ -238,7 +257,20 @@ class RayReplica:
                 self._ended.set_result("was stopped")
 
     def where(self) -> dict[str, Any]:
-        return {"node": self.node, "node_ip": self.node_ip}
+        where: dict[str, Any] = {"node": self.node, "node_ip": self.node_ip}
+        if self._backend.isolation == "sandbox":
+            spec = self._spec
+            limits = shown_limits(
+                memory_limit=spec.memory_limit,
+                cpu_limit=spec.cpu_limit,
+                pids=spec.pids,
+                tmp_size=spec.tmp_size,
+                network=spec.network,
+            )
+            if self._enforced_by:  # known once its node has started it
+                limits["enforced_by"] = self._enforced_by
+            where.update(isolation="sandbox", limits=limits)
+        return where
 
 
 class RayBackend:
@@ -248,9 +280,11 @@ class RayBackend:
         self,
         address: str | None = "auto",
         namespace: str = "dcf",
+        isolation: str = "process",
         telemetry: dict[str, str] | None = None,
     ) -> None:
         connect(address, namespace)
+        self.isolation = isolation
         self._telemetry = dict(telemetry or {})
         self.secret = secrets.token_bytes(32)
         self._actor_class = ray.remote(ReplicaActor)
@@ -263,6 +297,8 @@ class RayBackend:
         self._live: set[RayReplica] = set()
 
     async def start(self, spec: ReplicaSpec, log: LogSink) -> RayReplica:
+        if self.isolation == "sandbox":
+            spec = _reserve_limits(spec)
         demand = _demand(spec)
         nodes = await asyncio.to_thread(ray.nodes)
         why = infeasible(spec.function, demand, nodes)
@@ -291,6 +327,7 @@ class RayBackend:
         payload = asdict(spec)
         payload["code_name"] = code_name
         payload["telemetry"] = self._telemetry  # where its spans go, with tracing on
+        payload["isolation"] = self.isolation
         actor = self._actor_class.options(**options).remote(payload, self.secret)
         replica = RayReplica(spec, actor, actor.start.remote(archive), self)
         self._count(replica, target)

@@ -1,4 +1,6 @@
-"""A replica as a Ray actor: the runtime, hosted in the actor's own process.
+"""A replica as a Ray actor: the runtime, hosted in the actor's own process
+(or, with isolation ``sandbox``, in a bwrap sandbox the actor starts and
+supervises on its node: ray_sandbox.py).
 
 Ray places the actor, ships the function's code to its node and reports its
 death; calls never go through Ray. The actor serves ``dcf.wire`` on a TCP port
@@ -28,6 +30,7 @@ from typing import Any
 
 from dcf.runtime import tracing
 from dcf.runtime.handler import Invoker, handler_error, load_target
+from dcf.runtime.ray_sandbox import SandboxedRuntime
 from dcf.runtime.server import open_server
 
 
@@ -71,6 +74,10 @@ class Output:
                     with contextlib.suppress(RuntimeError):  # the loop is closing
                         loop.call_soon_threadsafe(self._ready.set)
 
+    def wake(self) -> None:
+        """End a ``collect`` that is waiting, though nothing was printed."""
+        self._ready.set()
+
     async def collect(self, wait: float) -> list[str]:
         """The lines printed since the last call, waiting up to ``wait`` seconds for one."""
         if self._loop is None:
@@ -111,12 +118,15 @@ class ReplicaActor:
         self._secret = secret
         self._server: asyncio.AbstractServer | None = None
         self._output = Output()
+        self._sandbox: SandboxedRuntime | None = None
 
     async def start(self, archive: bytes) -> dict[str, Any]:
         """Unpack the code, load the handler, listen; what the gateway needs to reach it."""
         import ray
 
         spec = self._spec
+        if spec.get("isolation") == "sandbox":
+            return await self._start_sandboxed(archive)
         info = {"function": spec["function"], "version": str(spec["version"])}
         info["replica"] = spec["replica_id"]
         os.environ.update(spec.get("telemetry") or {})  # the function's own settings win
@@ -153,17 +163,48 @@ class ReplicaActor:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    async def logs(self, wait: float = 10.0) -> tuple[str, list[str]]:
-        """(this node's address, lines printed since the last call)."""
+    async def _start_sandboxed(self, archive: bytes) -> dict[str, Any]:
+        """The runtime in bwrap on this node, this actor supervising it (ray_sandbox.py)."""
         import ray
 
-        return ray.util.get_node_ip_address(), await self._output.collect(wait)
+        spec = self._spec
+        code_dir = await asyncio.to_thread(unpack_once, archive, spec["code_name"])
+        del archive
+        host = ray.util.get_node_ip_address()
+        self._sandbox = SandboxedRuntime(spec, code_dir, host, self._secret)
+        self._sandbox.on_end.append(self._output.wake)  # the gateway's log poll hears it
+        started = await self._sandbox.start()
+        if "failed" in started:
+            return started
+        return {
+            **started,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": host,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
 
-    async def stop(self) -> None:
+    async def logs(self, wait: float = 10.0) -> tuple[str, list[str], str | None]:
+        """(this node's address, lines printed since the last call, why a sandboxed
+        runtime ended once it has: the replica is over then, though this actor lives)."""
+        import ray
+
+        sandbox = self._sandbox
+        ended = sandbox.reason if sandbox is not None else None
+        lines = await self._output.collect(0 if ended else wait)
+        if sandbox is not None and ended is None:
+            ended = sandbox.reason
+            if ended is not None:  # it ended while we waited: its last lines come next time
+                ended = None if self._output.lines else ended
+        return ray.util.get_node_ip_address(), lines, ended
+
+    async def stop(self) -> str | None:
+        """End the replica; why its sandboxed runtime ended, if it ended by itself."""
         if self._server is not None:
             self._server.close()
+        ended = await self._sandbox.stop() if self._sandbox is not None else None
         # ray.kill ends this process only: what a handler forked would outlive it.
         kill_descendants()
+        return ended
 
 
 def kill_descendants() -> None:
