@@ -1,10 +1,11 @@
 """``python -m bench [PART ...]``: DCF's benchmarks, side by side in one run.
 
 Parts (``PARTS``): echo, tracing (echo with tracing off and on), ssd, coldstart,
-memory, cli, streaming, ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2
-infer beside MLServer, bench/oip.py), all of these by default (``--quick`` leaves
-the two Ray parts out unless named), and profile (only when named). Prints a
-markdown table and writes ``bench/results/<name>.json`` and ``<name>.md``, and
+memory, cli, streaming, isolation (the sandbox against ``--isolation process``),
+ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2 infer beside MLServer,
+bench/oip.py), all of these by default (``--quick`` leaves the two Ray parts out
+unless named), and profile (only when named). Prints a markdown table and writes
+``bench/results/<name>.json`` and ``<name>.md``, and
 ``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
 """
 
@@ -30,6 +31,7 @@ DEFAULT = (
     "memory",
     "cli",
     "streaming",
+    "isolation",
     "ray",
     "raybackend",
     "oip",
@@ -249,6 +251,10 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import streaming
 
         return streaming.run(ctx)
+    if part == "isolation":
+        from bench import isolation
+
+        return isolation.run(ctx)
     if part == "ray":
         from bench import ray_serve
 

@@ -609,6 +609,9 @@ def targets(results: dict) -> list[dict]:
         )
 
     _ray_backend_targets(results, add)
+    from bench import isolation
+
+    isolation.targets(results, add)
 
     # cold start
     create = cold.get("create_ready_median_s")
@@ -861,6 +864,14 @@ def render(results: dict) -> str:
     life = lifecycle_table(results)
     if life:
         parts += ["", "## Cold start and memory", "", life]
+    from bench import isolation
+
+    iso = isolation.table(results)
+    if iso:
+        reps = get(results, "isolation", "repeats")
+        parts += ["", f"## Isolation: sandbox vs process — best of {reps} runs per cell", "", iso]
+    elif get(results, "isolation", "skipped"):
+        parts += ["", f"## Isolation — skipped: {results['isolation']['skipped']}"]
     cli = cli_table(results)
     if cli:
         runs = get(results, "cli", "runs")

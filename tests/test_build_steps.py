@@ -41,12 +41,41 @@ def wait_dead(pids: list[int], timeout: float = 5) -> None:
         time.sleep(0.05)
 
 
-def wait_for_pids(files: list[Path], timeout: float = 15) -> list[int]:
+def running(marker: str) -> list[int]:
+    """Host pids of the live processes whose command line holds ``marker``.
+
+    Found from outside, not written by the step: a sandboxed build sees neither the
+    host's files nor its pids.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for_pids(marker: str, count: int, timeout: float = 15) -> list[int]:
     deadline = time.monotonic() + timeout
-    while not all(f.exists() and f.read_text().strip() for f in files):
+    while len(pids := running(marker)) < count:
         assert time.monotonic() < deadline, "the build step never started"
         time.sleep(0.05)
-    return [int(f.read_text()) for f in files]
+    return pids
+
+
+RAN = "echo ran-$((40 + 2))"
+"""A step that says it ran: its output ``ran-42`` is in the log, its command line is not."""
+
+
+def runs(gw: GatewayProcess, name: str) -> int:
+    """How many times a build step of ``name`` ran, counted in its log (a sandboxed step
+    cannot write the host's files)."""
+    log = gw.dcf("function", "log", name, check=True).stdout.decode()
+    return sum(line.endswith(" ran-42") for line in log.splitlines())
 
 
 def create(gw: GatewayProcess, config: Path, name: str, *flags: str):  # noqa: ANN201
@@ -64,7 +93,6 @@ def builds(gw: GatewayProcess) -> list[str]:
 
 
 def test_build_streams_runs_once_and_its_results_reach_the_replica(gw: GatewayProcess, root):
-    counter = root / "runs"
     config = write_function(
         root,
         "built",
@@ -72,7 +100,7 @@ def test_build_streams_runs_once_and_its_results_reach_the_replica(gw: GatewayPr
         requirements="pyyaml\n",  # installed already: an environment of its own, quickly
         environment={"GREETING": "hi"},
         build=[
-            f"echo run >> {counter}",
+            RAN,
             'echo "made with $GREETING" > built.txt; echo "step output: $GREETING"',
             "python -c 'import sys; print(\"python\", sys.executable)'; echo venv=$VIRTUAL_ENV",
         ],
@@ -87,7 +115,7 @@ def test_build_streams_runs_once_and_its_results_reach_the_replica(gw: GatewayPr
     assert venv.startswith(str(gw.home / "envs"))  # the requirements' environment
     assert python_line.split()[-1].startswith(venv)  # and its python first on PATH
     assert call(gw, "built").text == "made with hi\n"
-    assert counter.read_text() == "run\n"
+    assert runs(gw, "built") == 1
     assert "step output: hi" in gw.dcf("function", "log", "built", check=True).stdout.decode()
     assert not (root / "built" / "built.txt").exists()  # a copy was built, not the upload
 
@@ -95,7 +123,7 @@ def test_build_streams_runs_once_and_its_results_reach_the_replica(gw: GatewayPr
     assert again.returncode == 0, again.stderr.decode()
     assert "cached, nothing to run" in again.stdout.decode()
     assert "step output" not in again.stdout.decode()
-    assert counter.read_text() == "run\n"  # nothing ran
+    assert runs(gw, "built") == 1  # nothing ran
     assert gw.wait_status("built", "Ready")["version"] == 2
     assert call(gw, "built").text == "made with hi\n"
 
@@ -103,7 +131,7 @@ def test_build_streams_runs_once_and_its_results_reach_the_replica(gw: GatewayPr
     data["functions"]["built"]["environment"]["GREETING"] = "hello"  # an input changed
     config.write_text(yaml.safe_dump(data))
     create(gw, config, "built", "--update").check_returncode()
-    assert counter.read_text() == "run\nrun\n"
+    assert runs(gw, "built") == 2
     assert call(gw, "built").text == "made with hello\n"
     assert not [b for b in builds(gw) if b.startswith(".")]
 
@@ -136,24 +164,23 @@ def test_failing_build_fails_the_deploy_and_an_update_keeps_the_old_version(
 
 
 def test_build_timeout_kills_the_command_and_names_the_timeout(gw: GatewayProcess, root: Path):
-    pid_file = root / "pid"
-    step = f"python -c 'import os, time; open(\"{pid_file}\", \"w\").write(str(os.getpid())); time.sleep(30)'"  # noqa: E501
+    step = "echo sleeping; python -c 'import time; time.sleep(30.25)'"
     config = write_function(root, "slow-build", ECHO, build=[step], build_timeout="1s")
     started = time.monotonic()
     result = create(gw, config, "slow-build")
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     err = result.stderr.decode()
-    assert "did not finish within build_timeout (1s)" in err and "time.sleep(30)" in err
-    wait_dead([int(pid_file.read_text())])
+    assert "did not finish within build_timeout (1s)" in err and "time.sleep(30.25)" in err
+    assert "sleeping" in err  # it had started
+    wait_dead(running("time.sleep(30.25)"))
 
 
 def test_deleting_a_function_mid_build_kills_its_commands(gw: GatewayProcess, root: Path):
-    shell_pid, child_pid = root / "shell.pid", root / "child.pid"
-    step = f"sleep 60 & echo $! > {child_pid}; echo $$ > {shell_pid}; wait"
+    step = "sleep 60.75 & wait"
     config = write_function(root, "doomed", ECHO, build=[step])
     create(gw, config, "doomed", "--no-wait").check_returncode()
-    pids = wait_for_pids([shell_pid, child_pid])
+    pids = wait_for_pids("60.75", 2)  # the shell and its child (and a sandbox's bwrap)
     assert all(alive(p) for p in pids)
     gw.dcf("function", "delete", "doomed", check=True)
     wait_dead(pids)
@@ -162,17 +189,16 @@ def test_deleting_a_function_mid_build_kills_its_commands(gw: GatewayProcess, ro
 
 def test_a_built_function_survives_a_gateway_restart(tmp_path: Path):
     gw = GatewayProcess(tmp_path / "home").start()
-    counter = tmp_path / "runs"
     try:
         config = write_function(
-            tmp_path, "durable", READ_BUILT, build=[f"echo run >> {counter}; echo v1 > built.txt"]
+            tmp_path, "durable", READ_BUILT, build=[f"{RAN}; echo v1 > built.txt"]
         )
         create(gw, config, "durable").check_returncode()
         gw.stop()
         gw.start()
         assert gw.wait_status("durable", "Ready", timeout=30)
         assert call(gw, "durable").text == "v1\n"
-        assert counter.read_text() == "run\n"  # restored from the cache, not rebuilt
+        assert runs(gw, "durable") == 1  # restored from the cache, not rebuilt
     finally:
         gw.stop()
 

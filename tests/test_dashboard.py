@@ -193,6 +193,12 @@ def test_function_page_shows_config_replicas_and_latency_chart(page, gw, functio
     expect(row).to_have_attribute("data-state", "ready")
     expect(row).to_contain_text(str(replica["pid"]))
     expect(row).to_contain_text("local")  # the node it runs on
+    expect(row.locator("td.isolation")).to_have_text(replica["isolation"])
+    for key, value in (replica.get("limits") or {}).items():  # a sandbox's limits
+        expect(page.locator("#replica-limits")).to_contain_text(f"{key} {value}")
+    with gw.http() as http:
+        mode = http.get("/system/info").json()["isolation"]
+    expect(page.locator("#gateway-label")).to_contain_text(mode)
 
     # The chart is built from polling: a point per refresh, both lines drawn.
     page.wait_for_function(

@@ -31,14 +31,53 @@ def Handler(req):
     return b"x" * int(req.input)
 """
 RUNS = """
-import time
+import time, urllib.request
 def Handler(req):
-    with open(req.query["log"], "a") as log:
-        log.write("run\\n")
+    # Counted by the test's server: a sandboxed replica cannot write the host's files.
+    with urllib.request.urlopen(req.query["counter"], timeout=10) as counted:
+        runs = int(counted.read())
     time.sleep(float(req.input or 0))
-    with open(req.query["log"]) as log:
-        return f"ran {len(log.read().split())} times"
+    return f"ran {runs} times"
 """
+
+
+class RunCounter:
+    """A loopback HTTP server that counts the GETs of each path: a job's runs, across
+    replicas and gateway restarts. ``url(key)`` is what the handler calls."""
+
+    def __init__(self) -> None:
+        counts: dict[str, int] = {}
+        lock = threading.Lock()
+
+        class Count(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                with lock:
+                    counts[self.path] = counts.get(self.path, 0) + 1
+                    body = str(counts[self.path]).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Count)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, key: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{key}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def counter() -> Iterator[RunCounter]:
+    server = RunCounter()
+    yield server
+    server.close()
 
 
 # helpers ---------------------------------------------------------------------------------
@@ -207,12 +246,13 @@ def test_a_thousand_posts_evict_no_job_and_a_full_store_says_429(
         assert "bytes" in response.json()["error"]
 
 
-def test_graceful_restart_does_not_kill_running_jobs(gateway: GatewayProcess, tmp_path: Path):
+def test_graceful_restart_does_not_kill_running_jobs(
+    gateway: GatewayProcess, tmp_path: Path, counter: RunCounter
+):
     """Was: a restart killed running jobs, and their ids answered 404."""
-    log = tmp_path / "runs.txt"
     deploy(gateway, tmp_path, "slowjob", RUNS)
     with gateway.http() as http:
-        job_id = submit(http, "slowjob", b"1.5", params={"log": str(log)})
+        job_id = submit(http, "slowjob", b"1.5", params={"counter": counter.url("runs")})
         wait_state(http, job_id, "running")
     gateway.stop()
     gateway.start()
@@ -222,13 +262,14 @@ def test_graceful_restart_does_not_kill_running_jobs(gateway: GatewayProcess, tm
     assert response.text == "ran 2 times"  # at least once: the run cut short ran again
 
 
-def test_gateway_killed_mid_job_runs_it_after_restart(gateway: GatewayProcess, tmp_path: Path):
-    log = tmp_path / "runs.txt"
+def test_gateway_killed_mid_job_runs_it_after_restart(
+    gateway: GatewayProcess, tmp_path: Path, counter: RunCounter
+):
     deploy(gateway, tmp_path, "slowjob", RUNS)
     with gateway.http() as http:
-        running = submit(http, "slowjob", b"1.5", params={"log": str(log)})
+        running = submit(http, "slowjob", b"1.5", params={"counter": counter.url("runs")})
         wait_state(http, running, "running")
-        queued = submit(http, "slowjob", b"0", params={"log": str(tmp_path / "other.txt")})
+        queued = submit(http, "slowjob", b"0", params={"counter": counter.url("other")})
     assert gateway.proc is not None
     os.kill(gateway.proc.pid, signal.SIGKILL)
     gateway.proc.wait()

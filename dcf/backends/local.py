@@ -14,12 +14,12 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
 
 from dcf.backends.base import LogSink, ReplicaFailed, ReplicaSpec
 from dcf.backends.environment import clean_environment
@@ -82,6 +82,7 @@ class LocalReplica:
         self._where = {"node": "local", "isolation": backend.isolation}
         if limits:
             self._where["limits"] = limits  # type: ignore[assignment]
+            self._where["limits_by"] = backend.limits_by
 
     async def ready(self) -> None:
         # Whichever comes first: its report, or its exit (a child it forked while loading
@@ -128,6 +129,8 @@ class LocalReplica:
             if oom:
                 limit = self._where.get("limits", {}).get("memory", "?")  # type: ignore[union-attr]
                 return f"was OOM-killed (limit {limit}): it ran out of its memory limit"
+        if self._cgroup is not None and code == JOIN_FAILED:
+            return f"could not join its cgroup ({self._cgroup.dirs})"
         if self._backend.isolation == "sandbox" and code > 128:  # bwrap: 128 + the signal
             code = 128 - code
         if code < 0:
@@ -136,8 +139,13 @@ class LocalReplica:
         return f"exited with code {code}"
 
     def _kill_group(self, sig: signal.Signals) -> None:
+        # A sandbox's processes are in a group of their own, inside (bwrap.inner_group).
+        inner = bwrap.inner_group(self.pid) if self._backend.isolation == "sandbox" else None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+        if inner is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(inner, sig)
 
     def where(self) -> dict[str, str]:
         return dict(self._where)
@@ -169,18 +177,17 @@ class LocalBackend:
             problem = probe.sandbox_problem()
             if problem:
                 raise ValueError(
-                    f"cannot sandbox replicas here: {problem}; choose --isolation process knowingly"
+                    f"cannot sandbox replicas on this host: {problem}. To run them unsandboxed"
+                    " (plain processes of this user, reading what it can, no limits), start"
+                    " with --isolation process"
                 )
             self._bwrap = probe.bwrap_binary()
             self._cgroups = probe.cgroup_version()
             if self._cgroups is None:
-                print(
-                    "dcf: cgroups are not writable here: replica limits are rlimits only"
-                    " (memory per process, no CPU quota, no process cap)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(probe.without_cgroups(), file=sys.stderr, flush=True)
         self._gpus = _visible_gpus()
+        self.limits_by = f"cgroup v{self._cgroups}" if self._cgroups else "rlimits"
+        """What enforces a sandboxed replica's limits, as info shows it."""
         self._gpu_use: Counter[str] = Counter({g: 0 for g in self._gpus})
 
     def _claim(self, count: float, function: str) -> list[str]:
@@ -229,9 +236,12 @@ class LocalBackend:
             env.setdefault("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
         cgroup, limits = None, None
         command = [spec.python, "-m", "dcf.runtime"]
-        join: Callable[[], None] | None = None
+        join = ""
         if self._bwrap is not None:
             limits = _shown_limits(spec)
+            for name in ("HOME", "TMPDIR"):  # the gateway user's are not in the sandbox
+                if name not in spec.environment:
+                    env[name] = "/tmp"
             tmp = spec.tmp_size or DEFAULT_TMP
             command = bwrap.argv(
                 self._bwrap,
@@ -254,7 +264,9 @@ class LocalBackend:
             # bwrap ignores SIGTERM (a signal ignored stays so across exec; the runtime
             # restores it), so a stop reaches the runtime and bwrap outlives it to report
             # how it ended. Through sh: uvloop's spawn resets what a preexec_fn sets.
-            command = ["/bin/sh", "-c", 'trap "" TERM; exec "$0" "$@"', *command]
+            # The shell joins the cgroup, not a preexec_fn: one would make the gateway fork
+            # its whole self (no vfork) for every replica it starts.
+            command = ["/bin/sh", "-c", f'trap "" TERM; {join}exec "$0" "$@"', *command]
         if spec.memory_limit and cgroup is None:
             env["DCF_MEMORY_LIMIT"] = str(spec.memory_limit)
         read_fd, write_fd = os.pipe()
@@ -274,7 +286,6 @@ class LocalBackend:
                 cwd=spec.code_dir,
                 pass_fds=(write_fd, secret_read),
                 start_new_session=True,
-                preexec_fn=join,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
@@ -298,16 +309,14 @@ class LocalBackend:
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
 
-def _joiner(procs: list[str]) -> Callable[[], None]:
-    """Run in the child before exec: it, and all it will start, join the replica's cgroup."""
+JOIN_FAILED = 97
+"""The exit code of a replica whose shell could not join it to its cgroup."""
 
-    def join() -> None:
-        pid = str(os.getpid())
-        for path in procs:
-            with open(path, "w") as f:
-                f.write(pid)
 
-    return join
+def _joiner(procs: list[str]) -> str:
+    """Shell that puts itself, and so all it will exec and start, in the replica's cgroup."""
+    writes = " && ".join(f"echo $$ > {shlex.quote(path)}" for path in procs)
+    return f"{{ {writes}; }} || exit {JOIN_FAILED}; "
 
 
 def _format_memory(size: int) -> str:

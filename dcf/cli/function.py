@@ -246,7 +246,8 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
             click.echo(f"    {rep['detail']}")
         if rep.get("isolation") == "sandbox":
             limits = ", ".join(f"{k} {v}" for k, v in (rep.get("limits") or {}).items())
-            click.echo(f"    sandbox: {limits}")
+            by = f" (by {rep['limits_by']})" if rep.get("limits_by") else ""
+            click.echo(f"    sandbox: {limits}{by}")
     if data["failure"]:
         click.echo(f"Failure:\n{data['failure'].rstrip()}")
     if data["last_error"]:

@@ -35,9 +35,10 @@ def gateway() -> None:
 @click.option(
     "--isolation",
     type=click.Choice(["sandbox", "process"]),
-    default="process",
+    default="sandbox",
     show_default=True,
-    help="Local replicas in a sandbox (bwrap namespaces, cgroup limits) or as plain processes.",
+    help="Replicas and build steps in a sandbox (bwrap namespaces, cgroup limits), or as"
+    " plain processes of this user (process: no isolation, no limits; choose it knowingly).",
 )
 @click.option(
     "--ray-address",
@@ -161,7 +162,10 @@ def start(
         app = create_app(settings)
     except ValueError as exc:  # a backend that cannot start here: say why in one line
         raise click.ClickException(str(exc)) from None
-    click.echo(f"DCF gateway on http://{host}:{port} (backend {backend}, state in {home})")
+    click.echo(
+        f"DCF gateway on http://{host}:{port} (backend {backend}, isolation {isolation},"
+        f" state in {home})"
+    )
     uvicorn.run(
         app,
         host=host,

@@ -87,7 +87,12 @@ class Gateway:
             telemetry=telemetry.replica_environment(settings.tracing) if settings.tracing else None,
         )
         self.manager = FunctionManager(
-            settings.home, self.backend, self.logs, self.metrics, settings.limits
+            settings.home,
+            self.backend,
+            self.logs,
+            self.metrics,
+            settings.limits,
+            isolation=settings.isolation,
         )
         self.body_clock = BodyClock(settings.limits.body_timeout)
         self.metrics.add_state_collector(self.manager.snapshot)

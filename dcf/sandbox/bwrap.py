@@ -69,3 +69,56 @@ def argv(
     args += ["--bind", socket_dir, socket_dir]
     args += ["--chdir", code_dir, "--"]
     return args + command
+
+
+def build_argv(
+    binary: str,
+    command: list[str],
+    *,
+    python: str,
+    writable: list[str],
+    chdir: str,
+    scratch: str,
+) -> list[str]:
+    """``bwrap ... -- command`` for a build step or a requirements install.
+
+    It sees what a replica sees of the system and of Python, the host network (it may
+    fetch weights and packages), ``writable`` (its upload copy, or the environment being
+    built) and ``scratch`` as its ``/tmp`` (on disk: a download may be larger than RAM).
+    """
+    args = [binary, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
+    args += ["--unshare-uts", "--unshare-cgroup-try"]
+    # /tmp first, as for a replica: what lives under the host's /tmp is bound over it.
+    args += ["--bind", scratch, "/tmp"]
+    for path in SYSTEM:
+        if os.path.isdir(path) and not os.path.islink(path):
+            args += ["--ro-bind", path, path]
+    for path in LINKS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in SECRETS:
+        if os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    for path in python_paths(python):
+        args += ["--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for path in writable:  # after the read-only binds: an environment is among them
+        args += ["--bind", path, path]
+    args += ["--chdir", chdir, "--"]
+    return args + command
+
+
+def inner_group(outer: int) -> int | None:
+    """The process group inside a sandbox whose bwrap is ``outer``, or None once it is gone.
+
+    ``--new-session`` puts what bwrap starts in a session (and group) of its own, which
+    a signal to bwrap's group does not reach: a stop signals this one too.
+    """
+    try:
+        with open(f"/proc/{outer}/task/{outer}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dcf
+from dcf.gateway.build.sandbox import BuildSandbox, pip_environment
 
 DEFAULT_INSTALL_TIMEOUT = 600.0
 
@@ -106,9 +107,15 @@ def _platform_paths() -> list[str]:
 
 
 class Builder:
-    def __init__(self, root: Path, install_timeout: float = DEFAULT_INSTALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        root: Path,
+        install_timeout: float = DEFAULT_INSTALL_TIMEOUT,
+        sandbox: BuildSandbox | None = None,
+    ) -> None:
         self.root = root
         self.install_timeout = install_timeout
+        self.sandbox = sandbox
         self._locks: dict[str, asyncio.Lock] = {}
         # Environments a stopped gateway left half built.
         if root.is_dir():
@@ -160,22 +167,26 @@ class Builder:
         req_file = env / "requirements.txt"
         req_file.write_text("\n".join(normalise(requirements)) + "\n")
         log(f"environment {digest}: installing {', '.join(normalise(requirements))}")
-        await _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "--python",
-                str(python),
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "-r",
-                str(req_file),
-            ],
-            log,
-            self.install_timeout,
-        )
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-r",
+            str(req_file),
+        ]
+        if self.sandbox is None:
+            await _run(pip, log, self.install_timeout)
+        else:  # setup scripts are code the gateway did not write: only this env is writable
+            with self.sandbox.scratch(self.root) as scratch:
+                wrapped = self.sandbox.argv(
+                    pip, python=str(python), writable=[env], cwd=env, scratch=scratch
+                )
+                await _run(wrapped, log, self.install_timeout, pip_environment(), _name(pip))
         (env / ".complete").touch()
         log(f"environment {digest}: ready")
         return str(python)
@@ -191,7 +202,17 @@ async def _output(cmd: list[str]) -> str:
     return out.decode()
 
 
-async def _run(cmd: list[str], log: Callable[[str], None], timeout: float) -> None:
+def _name(cmd: list[str]) -> str:
+    return f"{Path(cmd[0]).name} {' '.join(cmd[1:4])}"
+
+
+async def _run(
+    cmd: list[str],
+    log: Callable[[str], None],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    name: str | None = None,
+) -> None:
     """Run ``cmd`` in a session of its own, its output to ``log``; kill the session if it
     runs past ``timeout`` or the build is cancelled."""
     proc = await asyncio.create_subprocess_exec(
@@ -200,6 +221,7 @@ async def _run(cmd: list[str], log: Callable[[str], None], timeout: float) -> No
         stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
         start_new_session=True,
+        env=env,
     )
     assert proc.stdout is not None
     tail: list[str] = []
@@ -212,7 +234,7 @@ async def _run(cmd: list[str], log: Callable[[str], None], timeout: float) -> No
             log(line)
             tail = [*tail[-19:], line]
 
-    name = f"{Path(cmd[0]).name} {' '.join(cmd[1:4])}"
+    name = name or _name(cmd)
     try:
         await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout)
     except asyncio.TimeoutError:

@@ -33,6 +33,7 @@ from pathlib import Path
 from dcf.backends.environment import clean_environment
 from dcf.config import FunctionSpec
 from dcf.gateway.build.environments import BuildError
+from dcf.gateway.build.sandbox import BuildSandbox
 
 Log = Callable[[str], None]
 TAIL_LINES = 20
@@ -42,8 +43,9 @@ MAX_LINE = 8192
 class BuildSteps:
     """Runs ``build:`` commands and keeps each result under ``root/<hash>/``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sandbox: BuildSandbox | None = None) -> None:
         self.root = root
+        self.sandbox = sandbox
         self._locks: dict[str, asyncio.Lock] = {}
         # Temporary dirs of builds a stopped gateway left half done.
         if root.is_dir():
@@ -79,14 +81,31 @@ class BuildSteps:
             )
             env = environment(python, spec.environment)
             count = len(spec.build)
-            for n, command in enumerate(spec.build, 1):
-                log(f"build step {n}/{count}: {command}")
-                await run_command(command, work, env, deadline, spec.build_timeout, log)
+            with contextlib.ExitStack() as stack:
+                wrap = None
+                if self.sandbox is not None:
+                    env = self.sandbox.environment(env, spec.environment)
+                    wrap = self._wrapper(
+                        python, work, stack.enter_context(self.sandbox.scratch(self.root))
+                    )
+                for n, command in enumerate(spec.build, 1):
+                    log(f"build step {n}/{count}: {command}")
+                    await run_command(command, work, env, deadline, spec.build_timeout, log, wrap)
             work.rename(target)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
         log(f"build steps {target.name}: done in {time.monotonic() - started:.1f}s")
+
+    def _wrapper(self, python: str, work: Path, scratch: str) -> Callable[[list[str]], list[str]]:
+        """A step in the sandbox: its upload copy writable, its environment read-only."""
+        assert self.sandbox is not None
+        sandbox = self.sandbox
+
+        def wrap(argv: list[str]) -> list[str]:
+            return sandbox.argv(argv, python=python, writable=[work], cwd=work, scratch=scratch)
+
+        return wrap
 
 
 def build_hash(source: Path, spec: FunctionSpec, env_digest: str) -> str:
@@ -157,17 +176,18 @@ async def run_command(
     deadline: float,
     timeout: float,
     log: Log,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> None:
     """Run one command to completion, its output line by line to ``log``.
 
     Raises BuildError with its last lines if it fails or runs past ``deadline``
-    (monotonic); kills its whole process group if cancelled.
+    (monotonic); kills its whole process group if cancelled. ``wrap`` puts the
+    command in a sandbox (whose death takes everything inside with it).
     """
+    argv = ["/bin/sh", "-c", command]
     try:
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            command,
+            *(wrap(argv) if wrap else argv),
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -201,6 +221,8 @@ async def run_command(
     finally:
         reader.cancel()
     last = "\n".join(tail)
+    if wrap and status and status > 128:  # bwrap: 128 + the signal that ended the command
+        status = 128 - status
     if status is None:
         raise BuildError(
             f"build step `{command}` did not finish within build_timeout"

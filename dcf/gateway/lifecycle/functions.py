@@ -25,6 +25,7 @@ from dcf.gateway.build.environments import (
     RequirementsError,
     check_requirements,
 )
+from dcf.gateway.build.sandbox import for_isolation as sandbox_for
 from dcf.gateway.build.steps import BuildSteps
 from dcf.gateway.build.unpack import ArchiveRefused, unpack
 from dcf.gateway.lifecycle.deployment import Deployment
@@ -91,6 +92,7 @@ class FunctionManager:
         logs: LogStore,
         metrics: Metrics,
         limits: Limits | None = None,
+        isolation: str = "process",
     ) -> None:
         self.home = home
         self.backend = backend
@@ -98,8 +100,9 @@ class FunctionManager:
         self.metrics = metrics
         self.limits = limits or Limits()
         self.registry = Registry(home / "dcf.db")
-        self.builder = Builder(home / "envs", self.limits.install_timeout)
-        self.build_steps = BuildSteps(home / "builds")
+        build_sandbox = sandbox_for(isolation)  # builds run code the gateway did not write
+        self.builder = Builder(home / "envs", self.limits.install_timeout, build_sandbox)
+        self.build_steps = BuildSteps(home / "builds", build_sandbox)
         self.code_root = home / "functions"
         self.routes: dict[str, Pool] = {}
         self.functions: dict[str, FunctionState] = {}

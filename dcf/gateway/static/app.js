@@ -219,10 +219,19 @@ function setReachable(ok, err) {
   }
 }
 
+// A replica's isolation and, in a sandbox, what it may use at most (config.yaml's words).
+function isolationText(r) {
+  if (!r.isolation) return "—";
+  const limits = Object.entries(r.limits || {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+  const by = r.limits_by ? ` (by ${r.limits_by})` : "";
+  return limits ? `${r.isolation}: ${limits}${by}` : r.isolation;
+}
+
 async function refreshGatewayLabel() {
   try {
     const info = await api.gateway();
-    $("#gateway-label").textContent = `${location.host} · v${info.version} · ${info.backend}`;
+    $("#gateway-label").textContent = `${location.host} · v${info.version} · ${info.backend}`
+      + (info.isolation ? ` · ${info.isolation}` : "");
   } catch { /* the label stays as it is */ }
 }
 
@@ -487,6 +496,7 @@ class FunctionView {
     this.cards = h("div", { class: "grid grid-cards" });
     this.chartSlot = h("div", {}, latencyChart(store.history.get(name) || []));
     this.replicasBody = h("tbody");
+    this.replicaLimits = h("div", { class: "panel-body muted", id: "replica-limits" });
     this.scaleMin = h("input", { id: "scale-min", type: "number", min: 0, max: 64,
       oninput: () => { this.scaleDirty = true; } });
     this.scaleMax = h("input", { id: "scale-max", type: "number", min: 1, max: 64,
@@ -531,7 +541,9 @@ class FunctionView {
                 h("th", {}, "Replica"), h("th", {}, "State"), h("th", {}, "Node"),
                 h("th", { class: "num" }, "In flight"),
                 h("th", { class: "num" }, "Served"), h("th", { class: "num" }, "PID"),
-                h("th", { class: "num" }, "Uptime"))), this.replicasBody)))),
+                h("th", { class: "num" }, "Uptime"), h("th", {}, "Isolation"))),
+                this.replicasBody)),
+            this.replicaLimits)),
         this.tryPanel.element,
         h("section", { class: "panel" },
           h("div", { class: "panel-head" }, h("h2", {}, "Logs"),
@@ -617,10 +629,15 @@ class FunctionView {
           r.node_ip ? `${r.node_ip} · ${r.node.slice(0, 8)}` : (r.node ?? "—")),
         h("td", { class: "num" }, r.inflight), h("td", { class: "num" }, fmtInt(r.served)),
         h("td", { class: "num mono" }, r.pid ?? "—"),
-        h("td", { class: "num" }, fmtUptime(r.started_at))))
-      : [h("tr", {}, h("td", { colspan: 7, class: "empty" },
+        h("td", { class: "num" }, fmtUptime(r.started_at)),
+        h("td", { class: "isolation", title: isolationText(r) }, r.isolation ?? "—")))
+      : [h("tr", {}, h("td", { colspan: 8, class: "empty" },
         info.status === "Scaled to zero" ? "Scaled to zero: the next call starts a replica."
           : "No replicas running."))]));
+    // Each different set of limits once (the replicas of a version share theirs).
+    const limits = [...new Set(rep.list.filter((r) => r.limits).map(isolationText))];
+    this.replicaLimits.replaceChildren(...limits.map((text) => h("div", {}, text)));
+    this.replicaLimits.hidden = !limits.length;
     const editing = [this.scaleMin, this.scaleMax].includes(document.activeElement);
     if (first || (!this.scaleDirty && !editing)) {
       this.scaleMin.value = rep.min;
