@@ -72,6 +72,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def host_pid(ancestor: int, pid: int) -> int:
+    """The host pid of the process below ``ancestor`` that calls itself ``pid``.
+
+    A sandboxed replica has a PID namespace of its own: what its handler reports of
+    ``os.getpid()`` is the last entry of that process's ``NSpid``, not its host pid.
+    """
+    todo = [ancestor]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+        status = Path(f"/proc/{current}/status").read_text()
+        nspid = status.split("NSpid:")[1].split("\n")[0].split()
+        if int(nspid[-1]) == pid and current != ancestor:
+            return current
+    raise AssertionError(f"no process below {ancestor} is pid {pid} in its namespace")
+
+
 def entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
 
@@ -144,8 +162,9 @@ def Handler(req):
 def test_forked_child_neither_wedges_its_replica_nor_delete(gw: GatewayProcess, tmp_path: Path):
     deploy(gw, tmp_path, "forker", FORKER, timeout="5s")
     with gw.http() as http:
-        child = int(http.post("/function/forker", content=b"fork").text)
+        reported = int(http.post("/function/forker", content=b"fork").text)
         replica = info_of(gw, "forker")["replicas"]["list"][0]["pid"]
+        child = host_pid(replica, reported)
         os.kill(replica, signal.SIGKILL)
         # The replica's death is seen by its exit, not by its pipes (the child holds them):
         # it is restarted, its group (the child) dies with it, and calls are served.
@@ -157,7 +176,8 @@ def test_forked_child_neither_wedges_its_replica_nor_delete(gw: GatewayProcess, 
         wait_for(lambda: not alive(child), 5, "the forked child to die with its replica")
 
         # DELETE with a live forked child answers at once, and leaves nothing behind.
-        child = int(http.post("/function/forker", content=b"fork").text)
+        reported = int(http.post("/function/forker", content=b"fork").text)
+        child = host_pid(info_of(gw, "forker")["replicas"]["list"][0]["pid"], reported)
         started = time.monotonic()
         r = http.delete("/system/function/forker", timeout=15)
         assert r.status_code == 200 and time.monotonic() - started < 8
