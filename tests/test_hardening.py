@@ -307,6 +307,35 @@ def test_restart_backoff_resets_after_a_healthy_spell(tmp_path: Path):
         gw.stop()
 
 
+REFUSES_WITH_MARKER = """
+import os
+if os.path.exists(os.path.join(os.path.dirname(__file__), "refuse")):
+    raise RuntimeError("told to refuse")
+
+def Handler(req):
+    return "ok"
+"""
+
+
+def test_a_restart_that_fails_while_others_serve_keeps_trying(gw: GatewayProcess, tmp_path: Path):
+    """A replica that dies and cannot start again (a node lost mid-restart, a disk gone)
+    while another serves is still wanted: it tries again, backing off, until it starts."""
+    deploy(gw, tmp_path, "stubborn", REFUSES_WITH_MARKER, replicas={"min": 2, "max": 2})
+    wait_for(lambda: info_of(gw, "stubborn")["replicas"]["ready"] == 2, 15, "two replicas")
+    info = info_of(gw, "stubborn")
+    (code,) = (gw.home / "functions" / "stubborn").glob("v*")
+    (code / "refuse").write_text("")  # the code dir as replicas see it: the next start fails
+    os.kill(info["replicas"]["list"][0]["pid"], signal.SIGKILL)
+    wait_for(lambda: gw.dcf("function", "log", "stubborn").stdout.decode().count(
+        "could not start (trying again in") >= 2, 15, "two failed starts")
+    info = info_of(gw, "stubborn")
+    assert info["status"] == "Ready" and info["replicas"]["ready"] == 1, info
+    assert "told to refuse" in info["replicas"]["last_restart"], info
+    assert httpx.post(gw.url + "/function/stubborn").text == "ok"
+    (code / "refuse").unlink()
+    wait_for(lambda: info_of(gw, "stubborn")["replicas"]["ready"] == 2, 15, "the replica back")
+
+
 # 8: requirements.txt ------------------------------------------------------------------
 
 BAD_REQUIREMENTS = {

@@ -205,12 +205,23 @@ class Deployment:
                 self.log("gateway", f"starting replica {member.id}")
                 try:
                     replica = await self._start(member)
-                except ReplicaFailed as exc:
-                    self._fail(member, exc.reason)
-                    return
-                except Exception as exc:  # noqa: BLE001 - any other start error fails too
-                    self._fail(member, _unexpected(member.id, exc))
-                    return
+                except Exception as exc:  # noqa: BLE001 - any start error counts as a failure
+                    reason = exc.reason if isinstance(exc, ReplicaFailed) else None
+                    reason = reason or _unexpected(member.id, exc)
+                    if not self.ready or self.stopping:
+                        self._fail(member, reason)
+                        return
+                    # Others serve, so the function is not failed: this replica is still
+                    # wanted (a node lost mid-restart, say) and tries again, backing off.
+                    self.last_restart = f"replica {member.id} could not start: {reason}"
+                    self.log(
+                        "gateway",
+                        f"replica {member.id} could not start (trying again in {backoff:g}s):"
+                        f"\n{reason.rstrip()}",
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
                 if self.stopping or member.retiring:
                     await replica.stop()
                     return
@@ -269,11 +280,6 @@ class Deployment:
 
     def _fail(self, member: Member, reason: str) -> None:
         self.log("gateway", f"replica {member.id} could not start:\n{reason.rstrip()}")
-        if self.ready and not self.stopping:
-            # Others serve: keep them, and say why this one is missing.
-            self.failure = None
-            member.retiring = True
-            return
         self.failure = reason
         self.pool.unavailable = "the function failed to start"
         self.pool.reject_waiting(503, f"{self.spec.name!r} failed to start; see dcf function info")
