@@ -36,7 +36,11 @@ class DeployRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     to: int | None = Field(
-        None, strict=True, ge=1, description="The kept version to serve (else the newest older)"
+        None,
+        strict=True,
+        ge=1,
+        le=1_000_000_000,
+        description="The kept version to serve (else the newest older)",
     )
 
 
