@@ -289,8 +289,11 @@ def test_rollout_plans_are_validated_and_end_at_100():
     assert Rollout().steps == [10, 50, 100]
     assert Rollout(steps=[5, 25]).steps == [5, 25, 100]
     assert Rollout(steps=[10, 50, 100]).starting_at(30).steps == [30, 50, 100]
-    for steps, message in (([50, 10], "must increase"), ([0, 50], "from 1 to 100"),
-                           ([100], "below 100")):
+    for steps, message in (
+        ([50, 10], "must increase"),
+        ([0, 50], "from 1 to 100"),
+        ([100], "below 100"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_function({"rollout": {"steps": steps}}, "f")
     with pytest.raises(ConfigError, match="unknown key 'rollout.every'"):
