@@ -273,6 +273,14 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
             limits = ", ".join(f"{k} {v}" for k, v in (rep.get("limits") or {}).items())
             by = f" (by {rep['limits_by']})" if rep.get("limits_by") else ""
             click.echo(f"    sandbox: {limits}{by}")
+    run = data.get("rollout") or {}
+    if run.get("state") == "running":
+        click.echo(
+            f"Rollout:         canary v{run['canary']} at {run['share']}% of calls"
+            f" (steps {', '.join(f'{s}%' for s in run['steps'])}): dcf function rollout {name}"
+        )
+    elif run.get("reason"):
+        click.echo(f"Rollout:         {run['reason']}")
     if data["failure"]:
         click.echo(f"Failure:\n{data['failure'].rstrip()}")
     if data["last_error"]:

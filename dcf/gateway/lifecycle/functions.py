@@ -411,6 +411,15 @@ class FunctionManager:
 
     # versions and rollback -----------------------------------------------------------
 
+    def _kept(self, name: str) -> list[dict]:
+        """Versions whose code is on disk, newest first (a gateway before kept versions
+        removed the code of each replaced one; its rows are not versions to go back to)."""
+        return [
+            item
+            for item in self.registry.versions(name)
+            if (self.code_root / name / f"v{item['version']}").is_dir()
+        ]
+
     def versions(self, name: str) -> list[dict]:
         """The kept versions, newest first, with whether each serves and its share."""
         state = self.get(name)
@@ -429,7 +438,7 @@ class FunctionManager:
                 "share": shares.get(item["version"], 0),
                 "role": role.get(item["version"], "kept"),
             }
-            for item in self.registry.versions(name)
+            for item in self._kept(name)
         ]
 
     async def rollback(self, name: str, to: int | None) -> dict:
@@ -441,7 +450,7 @@ class FunctionManager:
         if state.deploying is not None or name in self._unpacking:
             raise FunctionError(409, f"a deploy of {name!r} is in progress; roll back after it")
         current = state.live.version if state.live is not None else state.record.version
-        kept = {item["version"]: item for item in self.registry.versions(name)}
+        kept = {item["version"]: item for item in self._kept(name)}
         if to is None:
             older = [v for v in kept if v < current]
             if not older:
