@@ -537,9 +537,8 @@ class FunctionManager:
             "ended_at": time.time(),
         }
         self._switch(state, canary, canary.spec)
-        self.logs.write(
-            state.name, "rollout", f"{reason}: 100% of calls ({_figures(figures)})".rstrip(" ()")
-        )
+        judged = f" ({_figures(figures)})" if figures else ""
+        self.logs.write(state.name, "rollout", f"{reason}: 100% of calls{judged}")
 
     def _abort(self, state: FunctionState, reason: str, figures: dict) -> None:
         run = self._end(state)
