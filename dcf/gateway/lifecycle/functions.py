@@ -469,7 +469,9 @@ class FunctionManager:
         )
         state.last_error = None
         state.deploying = task
-        await asyncio.shield(task)
+        await asyncio.wait({task})  # not cancelled with this request: the switch completes
+        if self.functions.get(name) is not state:
+            raise FunctionError(404, f"function {name!r} was deleted during the rollback")
         if state.live is None or state.live.version != to:
             raise FunctionError(
                 500, state.last_error or state.record.failure or f"rollback to {to} failed"
