@@ -130,7 +130,9 @@ class Rollout(Strict):
     version over the same window before the next (dcf.gateway.lifecycle.rollout)."""
 
     steps: list[int] = Field([10, 50, 100], min_length=1, max_length=20)
-    interval: float = Field(60.0, le=86400.0, description="seconds each step lasts, at least")
+    interval: float = Field(
+        60.0, ge=0.5, le=86400.0, description="seconds each step lasts, at least"
+    )
     max_error_rate: float = Field(
         0.01, ge=0, le=1, description="canary error rate allowed above the stable one's"
     )

@@ -328,6 +328,9 @@ def test_version_header_pins_and_bad_input_is_refused(lgw: GatewayProcess, tmp_p
         write_function(tmp_path, "pin", VERSIONED.format(v="v2", sleep=0), rollout=plan)
         create(lgw, config, "--update")
         assert http.get("/system/function/pin/rollout").json()["state"] == "running"
+        metrics = http.get("/metrics").text
+        assert 'dcf_function_version_share{function="pin",version="1"} 0.9' in metrics
+        assert 'dcf_function_version_share{function="pin",version="2"} 0.1' in metrics
         for version in ("1", "2", "1", "2"):
             r = http.post("/function/pin", headers={"X-DCF-Version": version})
             assert r.status_code == 200 and r.text == f"v{version}"
