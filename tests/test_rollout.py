@@ -373,6 +373,8 @@ def test_version_header_pins_and_bad_input_is_refused(lgw: GatewayProcess, tmp_p
         assert r.status_code == 400 and "canary is for an update" in r.json()["error"]
     cli = lgw.dcf("function", "create", "-f", str(config), "--update", "--canary", "150%")
     assert cli.returncode != 0 and "1% to 99%" in cli.stderr.decode()
+    cli = lgw.dcf("function", "create", "-f", str(config), "--canary", "10%")
+    assert cli.returncode == 1 and "give --update too" in cli.stderr.decode()
 
 
 def test_a_restarted_gateway_resumes_the_rollout_at_its_step(tmp_path: Path):
