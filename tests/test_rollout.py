@@ -450,3 +450,24 @@ def test_ray_rollback_under_calls(rgw: GatewayProcess, tmp_path: Path):
         time.sleep(0.5)
     assert not caller.failures(), caller.failures()[:5]
     assert caller.seen[-1][2] == "v1"
+
+
+def test_each_version_is_sized_to_its_share(lgw: GatewayProcess, tmp_path: Path):
+    plan = {"steps": [10, 100], "interval": "60s", "min_calls": 1000}
+    replicas = {"min": 2, "max": 2}
+    config = write_function(tmp_path, "sized", VERSIONED.format(v="v1", sleep=0), replicas=replicas)
+    create(lgw, config)
+    lgw.wait_status("sized", "Ready")
+    write_function(
+        tmp_path, "sized", VERSIONED.format(v="v2", sleep=0), replicas=replicas, rollout=plan
+    )
+    create(lgw, config, "--update")
+
+    def counts() -> tuple[int, int]:
+        ids = [r["id"] for r in info(lgw, "sized")["replicas"]["list"] if r["state"] == "ready"]
+        return sum("-v1-" in i for i in ids), sum("-v2-" in i for i in ids)
+
+    # 90% of min 2 is 2 replicas of v1; 10% of it is 1 of v2 (each version has one at least).
+    assert eventually(lambda: counts() == (2, 1), 20)
+    lgw.dcf("function", "promote", "sized", check=True)
+    assert eventually(lambda: counts() == (0, 2), 20)
