@@ -279,7 +279,9 @@ class FunctionManager:
         state.deploying = task
         return task
 
-    def _plan(self, spec: FunctionSpec, state: FunctionState | None, canary: int | None):  # noqa: ANN202
+    def _plan(
+        self, spec: FunctionSpec, state: FunctionState | None, canary: int | None
+    ) -> Rollout | None:
         """The rollout an update is to follow, or None for a switch of every replica at once."""
         healthy = state is not None and state.live is not None and not state.live.failure
         if canary is None and (spec.rollout is None or not healthy):
@@ -481,8 +483,14 @@ class FunctionManager:
     # rollouts --------------------------------------------------------------------------
 
     def _start_rollout(
-        self, state: FunctionState, canary: Deployment, plan: Rollout, step: int, resumed=False
+        self,
+        state: FunctionState,
+        canary: Deployment,
+        plan: Rollout,
+        step: int,
+        resumed: bool = False,
     ) -> None:
+        """Route ``plan``'s share to ``canary`` beside the live version, and judge it."""
         assert state.live is not None
         run = RolloutRun(plan, state.live, canary, step)
         state.rollout = run
