@@ -170,7 +170,10 @@ def healthy_rollout(gw: GatewayProcess, root: Path, name: str) -> dict:
         time.sleep(0.3)
         out = create(gw, config, "--update").stdout.decode()
         assert "canary v2 takes 10% of calls" in out
-        promoted = watcher.until("promoted", 60)
+        try:
+            promoted = watcher.until("promoted", 60)
+        except AssertionError:
+            raise AssertionError(info(gw, name)["rollout"]) from None
         time.sleep(0.5)
     assert not caller.failures(), caller.failures()[:5]
     spans = [c for c in watcher.changes if c[1] == "running"]

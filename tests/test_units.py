@@ -339,5 +339,9 @@ def test_the_judge_compares_the_canary_with_stable_over_one_window():
     assert four.errors == 0
     slow = judge(plan, 2, window(100, 0, 0.09), window(500, 0, 0.03))
     assert slow.outcome == "fail" and "p95 latency 90.0ms vs 30.0ms (3.0x" in slow.reason
+    # Before the interval's end only errors count: a p95 of few calls is noise.
+    assert judge(plan, 2, window(100, 0, 0.09), window(500, 0, 0.03), latency=False).outcome == (
+        "pass"
+    )
     # Below the floor, a ratio is noise.
     assert judge(plan, 2, window(100, 0, 0.003), window(500, 0, 0.001)).outcome == "pass"

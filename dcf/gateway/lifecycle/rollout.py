@@ -4,10 +4,12 @@ as the stable one, and none the moment it does worse.
 The judge compares the two versions over the same window of calls (the ``Split``
 counts them): the canary's error rate (5xx and timeouts) may exceed the stable one's
 by at most ``max_error_rate``, its p95 latency may be at most ``max_p95_ratio`` times
-the stable one's. It judges as soon as the canary has ``min_calls`` in the window, so a
-bad canary is aborted at once; a good one moves to the next step only after the whole
-``interval``. The last step (100) is the promotion. The step survives a restart
-(``rollouts`` table, registry.py); the manager (functions.py) does the switching.
+the stable one's. Errors are judged as soon as the canary has ``min_calls`` in the
+window, so a failing canary is aborted at once; latency at the end of the ``interval``,
+over the whole window (the p95 of a few dozen calls is their maximum: noise). A good
+canary moves to the next step only after the whole ``interval``. The last step (100)
+is the promotion. The step survives a restart (``rollouts`` table, registry.py); the
+manager (functions.py) does the switching.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class Verdict:
     figures: dict = field(default_factory=dict)
 
 
-def judge(plan: Rollout, canary_version: int, canary: Window, stable: Window) -> Verdict:
-    """The canary against the stable version over one window."""
+def judge(
+    plan: Rollout, canary_version: int, canary: Window, stable: Window, latency: bool = True
+) -> Verdict:
+    """The canary against the stable version over one window (``latency``: its p95 too)."""
     if canary.calls < plan.min_calls:
         return Verdict("wait")
     c_p95, s_p95 = canary.p95(), stable.p95()
@@ -58,7 +62,8 @@ def judge(plan: Rollout, canary_version: int, canary: Window, stable: Window) ->
             figures,
         )
     if (
-        c_p95 is not None
+        latency
+        and c_p95 is not None
         and s_p95 is not None
         and stable.calls
         and c_p95 > s_p95 * plan.max_p95_ratio
@@ -116,12 +121,13 @@ class RolloutRun:
                 await on_end(False, reason.rstrip(), {})
                 return
             canary, stable = self.split.windows_now()
-            verdict = judge(plan, self.canary.version, canary, stable)
+            whole = time.monotonic() - self.step_started >= plan.interval
+            verdict = judge(plan, self.canary.version, canary, stable, latency=whole)
             if verdict.outcome == "fail":
                 self.last = verdict
                 await on_end(False, verdict.reason, verdict.figures)
                 return
-            if time.monotonic() - self.step_started < plan.interval or verdict.outcome == "wait":
+            if not whole or verdict.outcome == "wait":
                 continue
             self.last = verdict
             self.split.take_windows()
