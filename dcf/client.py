@@ -140,12 +140,16 @@ class Client:
         update: bool = False,
         on_log: Callable[[str], None] | None = None,
         wait: bool = True,
+        canary: int | None = None,
     ) -> dict:
-        """Upload and deploy; with ``wait`` return once it is Ready or Failed."""
-        payload = {
+        """Upload and deploy; with ``wait`` return once it is Ready or Failed. ``canary``:
+        an update rolled out from that percent of calls (the gateway judges each step)."""
+        payload: dict[str, Any] = {
             "function": spec.model_dump(mode="json"),
             "code": base64.b64encode(pack(directory)).decode(),
         }
+        if canary is not None:
+            payload["canary"] = canary
         method = "PUT" if update else "POST"
         if not wait:
             return self._request(method, "/system/functions", json=payload).json()
@@ -170,6 +174,19 @@ class Client:
     def scale(self, name: str, min_replicas: int | None, max_replicas: int | None) -> dict:
         body = {"min": min_replicas, "max": max_replicas}
         return self._request("POST", _system(name, "/scale"), json=body).json()
+
+    def versions(self, name: str) -> list[dict]:
+        return self._request("GET", _system(name, "/versions")).json()
+
+    def rollback(self, name: str, to: int | None = None) -> dict:
+        """Serve a kept version again (the newest older one without ``to``); its info."""
+        return self._request("POST", _system(name, "/rollback"), json={"to": to}).json()
+
+    def rollout(self, name: str, decide: str | None = None) -> dict:
+        """The rollout's state; ``decide`` "promote" or "abort" ends it by hand first."""
+        if decide is None:
+            return self._request("GET", _system(name, "/rollout")).json()
+        return self._request("POST", _system(name, f"/rollout/{decide}")).json()
 
     def create_key(self, name: str, rate: str | None = None) -> dict:
         """A new key for ``name``: the answer holds the key itself, shown this once."""

@@ -125,6 +125,45 @@ class Replicas(Strict):
         return self
 
 
+class Rollout(Strict):
+    """How an ``--update`` reaches all traffic: canary steps, each judged against the stable
+    version over the same window before the next (dcf.gateway.lifecycle.rollout)."""
+
+    steps: list[int] = Field([10, 50, 100], min_length=1, max_length=20)
+    interval: float = Field(
+        60.0, ge=0.5, le=86400.0, description="seconds each step lasts, at least"
+    )
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="canary error rate allowed above the stable one's"
+    )
+    max_p95_ratio: float = Field(
+        1.5, ge=1, le=1000, description="canary p95 latency allowed, as a multiple of stable's"
+    )
+    min_calls: int = Field(50, ge=1, le=1_000_000, description="canary calls before judging")
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= s <= 100 for s in v):
+            raise ValueError("each step is a percentage of calls from 1 to 100")
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"steps must increase, got {v}")
+        if v[0] == 100:
+            raise ValueError("the first step must be below 100 (a canary takes part of the calls)")
+        return v if v[-1] == 100 else [*v, 100]  # the last step promotes
+
+    def starting_at(self, canary: int) -> Rollout:
+        """These settings with ``canary`` percent as the first step (``--canary``)."""
+        if not 1 <= canary <= 99:
+            raise ValueError(f"a canary is 1% to 99% of calls, not {canary}%")
+        return self.model_copy(update={"steps": [canary, *(s for s in self.steps if s > canary)]})
+
+
 class FunctionSpec(Strict):
     """One function as the gateway stores it (the handler code travels separately)."""
 
@@ -170,6 +209,9 @@ class FunctionSpec(Strict):
         [], description="V2 (Open Inference Protocol) inputs: [{name, datatype, shape}]"
     )
     outputs: list[TensorSpec] = Field([], description="V2 outputs: [{name, datatype, shape}]")
+    rollout: Rollout | None = Field(
+        None, description="an --update of this function is a canary rollout with these steps"
+    )
 
     @field_validator("inputs")
     @classmethod

@@ -470,3 +470,19 @@ def test_environment_values_never_reach_the_page(page, gw, tmp_path) -> None:  #
     page.locator("#config-raw").check()
     expect(page.locator("#config-json")).to_contain_text('"API_SECRET": "***"')
     assert "hunter2-in-the-ui" not in page.content()
+
+
+def test_rollout_bar_on_the_function_row(page, gw, tmp_path) -> None:  # noqa: ANN001
+    plan = {"steps": [25, 100], "interval": "60s", "min_calls": 1000}
+    deploy(gw, tmp_path, "canaried", ECHO)
+    deploy(gw, tmp_path, "canaried", ECHO + "\n# v2\n", update=True, rollout=plan)
+    open_dashboard(page, gw)
+    bar = function_row(page, "canaried").locator(".rollout")
+    expect(bar).to_have_attribute("data-share", "25")
+    expect(bar.locator(".rollout-label")).to_have_text("v1 75% · v2 25%")
+    expect(bar.locator(".rollout-canary")).to_have_attribute("style", "width: 25%")
+    gw.dcf("function", "abort", "canaried", check=True)
+    note = function_row(page, "canaried").locator(".rollout-note")
+    expect(note).to_have_text("v2 aborted")
+    expect(note).to_have_attribute("title", "canary v2 aborted by hand")
+    gw.dcf("function", "delete", "canaried", check=True)

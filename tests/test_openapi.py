@@ -62,6 +62,11 @@ def test_openapi_document_is_complete(guarded: GatewayProcess):
     deploy_request = doc["components"]["schemas"]["DeployRequest"]["properties"]["function"]
     assert deploy_request["required"] == ["name"]
     assert "409" in paths["/system/functions"]["post"]["responses"]
+    for path in ("versions", "rollback", "rollout", "rollout/promote", "rollout/abort"):
+        assert f"/system/function/{{name}}/{path}" in paths, path  # versions and rollouts
+    assert "409" in paths["/system/function/{name}/rollout/abort"]["post"]["responses"]
+    headers = [p["name"] for p in paths["/function/{name}"]["post"]["parameters"]]
+    assert "X-DCF-Version" in headers
     assert doc["components"]["securitySchemes"]["token"]["scheme"] == "bearer"
     # A 405 lists every method its path serves.
     r = httpx.request("OPTIONS", guarded.url + "/system/function/echo",

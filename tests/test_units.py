@@ -278,3 +278,70 @@ def test_a_lone_call_is_not_held_for_company():
         return time.perf_counter() - start
 
     assert asyncio.run(scenario()) < 0.75  # waiting would take 1.5 s: behaviour, not speed
+
+
+# canary rollouts: the plan, the split, the judge -------------------------------------
+
+
+def test_rollout_plans_are_validated_and_end_at_100():
+    from dcf.config import Rollout
+
+    assert Rollout().steps == [10, 50, 100]
+    assert Rollout(steps=[5, 25]).steps == [5, 25, 100]
+    assert Rollout(steps=[10, 50, 100]).starting_at(30).steps == [30, 50, 100]
+    for steps, message in (
+        ([50, 10], "must increase"),
+        ([0, 50], "from 1 to 100"),
+        ([100], "below 100"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_function({"rollout": {"steps": steps}}, "f")
+    with pytest.raises(ConfigError, match="unknown key 'rollout.every'"):
+        parse_function({"rollout": {"every": "2s"}}, "f")
+    with pytest.raises(ValueError, match="1% to 99%"):
+        Rollout().starting_at(100)
+    assert parse_function({"rollout": {"interval": "2s"}}, "f").rollout.interval == 2.0
+
+
+def test_split_deals_out_exactly_the_canary_share():
+    from dcf.gateway.routing.split import Split
+
+    split = Split(Pool("f", 1, 1.0), 1, Pool("f", 1, 1.0), 2, 10)
+    picks = [split._next_is_canary() for _ in range(100)]
+    assert sum(picks) == 10 and not any(picks[:9])
+    split.set_share(50)
+    assert sum(split._next_is_canary() for _ in range(10)) == 5
+
+
+def test_the_judge_compares_the_canary_with_stable_over_one_window():
+    from dcf.config import Rollout
+    from dcf.gateway.lifecycle.rollout import judge
+    from dcf.gateway.routing.split import Window
+
+    def window(calls: int, errors: int, seconds: float) -> Window:
+        w = Window()
+        for i in range(calls):
+            w.add(500 if i < errors else 200, seconds)
+        return w
+
+    plan = Rollout(min_calls=50)
+    assert judge(plan, 2, window(49, 0, 0.01), window(500, 0, 0.01)).outcome == "wait"
+    assert judge(plan, 2, window(100, 1, 0.01), window(500, 0, 0.01)).outcome == "pass"
+    failed = judge(plan, 2, window(100, 31, 0.01), window(500, 0, 0.01))
+    assert failed.outcome == "fail"
+    assert failed.reason == "canary v2 aborted: error rate 0.31 vs 0.00 over 100 calls"
+    # Errors the stable version has too are not the canary's fault.
+    assert judge(plan, 2, window(100, 10, 0.01), window(500, 50, 0.01)).outcome == "pass"
+    # 4xx are the caller's: not errors.
+    four = Window()
+    for _ in range(100):
+        four.add(404, 0.01)
+    assert four.errors == 0
+    slow = judge(plan, 2, window(100, 0, 0.09), window(500, 0, 0.03))
+    assert slow.outcome == "fail" and "p95 latency 90.0ms vs 30.0ms (3.0x" in slow.reason
+    # Before the interval's end only errors count: a p95 of few calls is noise.
+    assert judge(plan, 2, window(100, 0, 0.09), window(500, 0, 0.03), latency=False).outcome == (
+        "pass"
+    )
+    # Below the floor, a ratio is noise.
+    assert judge(plan, 2, window(100, 0, 0.003), window(500, 0, 0.001)).outcome == "pass"

@@ -16,6 +16,8 @@ import click
 
 from dcf.cli.keys import keys
 from dcf.cli.options import client_for, fail, gateway_option, print_table, write_chunks
+from dcf.cli.versions import COMMANDS as VERSION_COMMANDS
+from dcf.cli.versions import check_canary, parse_canary
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -32,6 +34,8 @@ def function() -> None:
 
 
 function.add_command(keys)
+for _command in VERSION_COMMANDS:
+    function.add_command(_command)
 
 
 @function.command()
@@ -133,6 +137,12 @@ def _add_to_config(path: Path, name: str, runtime: str) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Stream the build output.")
 @click.option("--update", is_flag=True, help="Replace functions that already exist.")
 @click.option("--no-wait", is_flag=True, help="Return once accepted, without waiting for Ready.")
+@click.option(
+    "--canary",
+    metavar="PERCENT",
+    help="With --update: roll out as a canary from this share of calls (e.g. 10%), judged and"
+    " stepped by the gateway (rollout: in config.yaml sets the steps).",
+)
 @click.argument("names", nargs=-1)
 @gateway_option
 def create(
@@ -140,6 +150,7 @@ def create(
     verbose: bool,
     update: bool,
     no_wait: bool,
+    canary: str | None,
     names: tuple[str, ...],
     gateway: str | None,
     token: str | None,
@@ -147,6 +158,8 @@ def create(
     """Deploy the functions of config.yaml (or only NAMES)."""
     from dcf.config import ConfigError, load_project
 
+    percent = parse_canary(canary)
+    check_canary(percent, update)
     try:
         project = load_project(config)
     except ConfigError as exc:
@@ -166,7 +179,12 @@ def create(
             started = time.monotonic()
             on_log = (lambda line, n=name: click.echo(f"  [{n}] {line}")) if verbose else None
             result = client.deploy(
-                spec, project.handler_dir(name), update=update, on_log=on_log, wait=not no_wait
+                spec,
+                project.handler_dir(name),
+                update=update,
+                on_log=on_log,
+                wait=not no_wait,
+                canary=percent,
             )
             status = result.get("status", "Building")
             if status == "Failed" or (result.get("function") or {}).get("last_error"):
@@ -176,6 +194,13 @@ def create(
                 click.echo(f"{name}: {status}\n{reason}", err=True)
             else:
                 click.echo(f"{name}: {status} ({time.monotonic() - started:.1f}s)")
+                run = (result.get("function") or {}).get("rollout") or {}
+                if run.get("state") == "running":
+                    click.echo(
+                        f"{name}: canary v{run['canary']} takes {run['share']}% of calls"
+                        f" (steps {', '.join(f'{s}%' for s in run['steps'])}); watch it with:"
+                        f" dcf function rollout {name}"
+                    )
     if failed:
         sys.exit(1)
 
@@ -248,6 +273,14 @@ def info(name: str, gateway: str | None, token: str | None) -> None:
             limits = ", ".join(f"{k} {v}" for k, v in (rep.get("limits") or {}).items())
             by = f" (by {rep['limits_by']})" if rep.get("limits_by") else ""
             click.echo(f"    sandbox: {limits}{by}")
+    run = data.get("rollout") or {}
+    if run.get("state") == "running":
+        click.echo(
+            f"Rollout:         canary v{run['canary']} at {run['share']}% of calls"
+            f" (steps {', '.join(f'{s}%' for s in run['steps'])}): dcf function rollout {name}"
+        )
+    elif run.get("reason"):
+        click.echo(f"Rollout:         {run['reason']}")
     if data["failure"]:
         click.echo(f"Failure:\n{data['failure'].rstrip()}")
     if data["last_error"]:

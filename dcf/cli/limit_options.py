@@ -53,6 +53,13 @@ FLAGS = [
         "1Mi",
         "Log lines held for a `logs -f` reader that falls behind (newer ones dropped).",
     ),
+    (
+        "--keep-versions",
+        "keep_versions",
+        "count",
+        "5",
+        "Versions of each function kept for `dcf function rollback` (oldest removed).",
+    ),
 ]
 
 
@@ -90,4 +97,6 @@ def _limits(values: dict[str, str]) -> Any:
             raise click.BadParameter(str(exc), param_hint=flag) from None
     if parsed["max_upload_files"] < 1:
         raise click.BadParameter("must be 1 or more", param_hint="--max-upload-files")
+    if parsed["keep_versions"] < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--keep-versions")
     return Limits(**parsed)

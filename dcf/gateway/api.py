@@ -25,6 +25,23 @@ class DeployRequest(BaseModel):
         description="The function's config.yaml settings, with its name"
     )
     code: str = Field(description="The handler directory as a base64 tar.gz")
+    canary: int | None = Field(
+        None,
+        strict=True,
+        ge=1,
+        le=99,
+        description="Update as a canary rollout starting at this percent of calls (PUT only)",
+    )
+
+
+class RollbackRequest(BaseModel):
+    to: int | None = Field(
+        None,
+        strict=True,
+        ge=1,
+        le=1_000_000_000,
+        description="The kept version to serve (else the newest older)",
+    )
 
 
 class ScaleRequest(BaseModel):
@@ -91,8 +108,10 @@ def build_router(
             archive = await asyncio.to_thread(base64.b64decode, body.code, validate=True)
         except (binascii.Error, ValueError):
             raise FunctionError(400, "'code' is not valid base64") from None
+        if body.canary is not None and not update:
+            raise FunctionError(400, f"function {name!r}: a canary is for an update (PUT)")
         progress: asyncio.Queue[str] = asyncio.Queue()
-        task = await manager.deploy(spec, archive, update, progress.put_nowait)
+        task = await manager.deploy(spec, archive, update, progress.put_nowait, body.canary)
         if NDJSON not in request.headers.get("accept", ""):
             return JSONResponse(manager.summary(name), status_code=202)
         return StreamingResponse(_progress(manager, name, task, progress), media_type=NDJSON)
@@ -120,6 +139,33 @@ def build_router(
     @router.post("/function/{name}/scale", summary="Set replica bounds")
     async def scale(name: str, body: ScaleRequest) -> dict:
         return manager.scale(name, body.min, body.max)
+
+    @router.get("/function/{name}/versions", summary="Kept versions, and which ones serve")
+    async def versions(name: str) -> list[dict]:
+        return manager.versions(name)
+
+    @router.post("/function/{name}/rollback", summary="Serve a kept version again")
+    async def rollback(name: str, body: RollbackRequest) -> dict:
+        """No rebuild and no install: the version's code and cached build serve again, with
+        the same switch as an update (no call fails). 404 for a version not kept, 409
+        during a deploy or a rollout."""
+        return await manager.rollback(name, body.to)
+
+    @router.get("/function/{name}/rollout", summary="The canary rollout, or how the last ended")
+    async def rollout(name: str) -> dict:
+        return manager.rollout(name)
+
+    @router.post("/function/{name}/rollout/promote", summary="Promote the canary now")
+    async def promote(name: str) -> dict:
+        """The canary takes every call and the stable version's replicas stop; 409 if no
+        rollout is in progress."""
+        return manager.decide(name, promote=True)
+
+    @router.post("/function/{name}/rollout/abort", summary="Abort the rollout now")
+    async def abort(name: str) -> dict:
+        """Every call goes back to the stable version and the canary's replicas stop; 409 if
+        no rollout is in progress."""
+        return manager.decide(name, promote=False)
 
     @router.get("/function/{name}/logs", summary="Replica output and lifecycle events")
     async def logs(

@@ -32,3 +32,6 @@ class Limits:
     follow_buffer: int = 1 << 20
     """Bytes of log lines held for one ``logs?follow=true`` reader that is behind;
     newer lines are dropped (and counted) until it catches up."""
+    keep_versions: int = 5
+    """Versions of a function kept on disk for ``rollback``; older ones not serving are
+    removed."""

@@ -44,9 +44,10 @@ WHY = {
     404: "No such function (or job, or key)",
     405: "Method not allowed on this path",
     408: "The request body did not arrive within the gateway's body timeout",
-    409: "Conflict: the name exists (use PUT), or a deploy is in progress",
+    409: "Conflict: the name exists (use PUT), or a deploy or a rollout is in progress",
     410: "The job is gone: it expired or was lost",
     413: "Body (or upload) over the gateway's limit",
+    500: "The gateway could not do it (the error says why)",
     429: "Queue or job store full; retry after Retry-After seconds",
     502: "The replica died during the call",
     503: "No replica can serve (the function failed to start)",
@@ -57,6 +58,9 @@ EXTRA = {
     ("/system/functions", "post"): (400, 409),
     ("/system/functions", "put"): (400, 409),
     ("/system/function/{name}/scale", "post"): (400,),
+    ("/system/function/{name}/rollback", "post"): (409, 500),
+    ("/system/function/{name}/rollout/promote", "post"): (409,),
+    ("/system/function/{name}/rollout/abort", "post"): (409,),
 }
 """Statuses routes raise (FunctionError) that FastAPI cannot see."""
 TEXT = (("/metrics", "get"), ("/system/function/{name}/logs", "get"))
@@ -113,11 +117,21 @@ def _data_plane() -> dict[str, Any]:
         "fails midway) for a caller that sends Accept: text/event-stream. "
         "Errors the gateway answers itself are JSON {error, function}.",
         "operationId": "invoke",
-        "parameters": [_name_param("The function")],
+        "parameters": [
+            _name_param("The function"),
+            {
+                "name": "X-DCF-Version",
+                "in": "header",
+                "required": False,
+                "description": "Pin the call to this serving version (during a rollout, the"
+                " stable or the canary one); 404 naming it if it does not serve",
+                "schema": {"type": "string"},
+            },
+        ],
         "requestBody": raw_body,
         "responses": {
             "200": {"description": "The handler's answer", "content": _STREAMED},
-            **_errors(401, 404, 408, 413, 429, 502, 503, 504),
+            **_errors(400, 401, 404, 408, 413, 429, 502, 503, 504),
             "default": {
                 "description": "The handler's answer, with its own status",
                 "content": _ANY,

@@ -31,12 +31,29 @@ class Autoscaler:
 
     def step(self, state: FunctionState, now: float) -> None:
         live = state.live
+        run = state.rollout
+        low, high = state.record.min_replicas, state.record.max_replicas
+        if run is None:
+            self._size(state, live, low, high, now)
+            return
+        # In a rollout each version is sized to its share of the calls (at least one each).
+        for deployment, share in ((live, 100 - run.share), (run.canary, run.share)):
+            self._size(
+                state,
+                deployment,
+                max(1, math.ceil(low * share / 100)),
+                max(1, math.ceil(high * share / 100)),
+                now,
+            )
+
+    def _size(
+        self, state: FunctionState, live: Deployment | None, low: int, high: int, now: float
+    ) -> None:
         if live is None or live.failure or live.stopping:
             if live is not None:
                 self._history.pop(live, None)
             return
         spec = live.spec
-        low, high = state.record.min_replicas, state.record.max_replicas
         pool = live.pool
         per_replica = spec.replicas.target or spec.concurrency
         load = pool.inflight

@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcf.backends import Backend, ReplicaFailed
-from dcf.config import FunctionSpec
+from dcf.config import FunctionSpec, Rollout
 from dcf.gateway.build.environments import (
     Builder,
     BuildError,
@@ -30,10 +31,12 @@ from dcf.gateway.build.steps import BuildSteps
 from dcf.gateway.build.unpack import ArchiveRefused, unpack
 from dcf.gateway.lifecycle.deployment import Deployment
 from dcf.gateway.lifecycle.registry import FunctionRecord, Registry
+from dcf.gateway.lifecycle.rollout import RolloutRun, Verdict
 from dcf.gateway.limits import Limits
 from dcf.gateway.observe.logs import LogStore
 from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.routing.router import Pool
+from dcf.gateway.routing.split import Split
 
 Progress = Callable[[str], None]
 REDACTED = "***"
@@ -58,6 +61,10 @@ class FunctionState:
     """The first version while its replicas start (before there is a live one)."""
     last_error: str | None = None
     retired: list[Deployment] = field(default_factory=list)
+    rollout: RolloutRun | None = None
+    """The canary rollout in progress, if one is."""
+    last_rollout: dict | None = None
+    """How the last rollout ended (promoted, or aborted and why), for ``rollout`` and info."""
 
     def __post_init__(self) -> None:
         self.invocations_before = self.record.invocations
@@ -65,8 +72,24 @@ class FunctionState:
 
     @property
     def cold_starts(self) -> int:
-        running = [d for d in (self.live, *self.retired) if d is not None]
+        running = [d for d in (self.live, *self.retired, self.canary) if d is not None]
         return self.cold_starts_before + sum(d.cold_starts for d in running)
+
+    @property
+    def canary(self) -> Deployment | None:
+        return self.rollout.canary if self.rollout is not None else None
+
+    def rollout_info(self) -> dict:
+        """The rollout in progress, else how the last one ended, else ``state: none``."""
+        if self.rollout is not None:
+            return self.rollout.info()
+        return self.last_rollout or {"state": "none"}
+
+    def shares(self) -> dict[int, int]:
+        """Percent of calls per serving version."""
+        if self.rollout is not None:
+            return self.rollout.shares()
+        return {self.live.version: 100} if self.live is not None else {}
 
     @property
     def status(self) -> str:
@@ -104,7 +127,7 @@ class FunctionManager:
         self.builder = Builder(home / "envs", self.limits.install_timeout, build_sandbox)
         self.build_steps = BuildSteps(home / "builds", build_sandbox)
         self.code_root = home / "functions"
-        self.routes: dict[str, Pool] = {}
+        self.routes: dict[str, Pool | Split] = {}
         self.functions: dict[str, FunctionState] = {}
         self._unpacking: set[str] = set()
         """Names whose upload is being unpacked (a second deploy of one is refused)."""
@@ -151,13 +174,15 @@ class FunctionManager:
                 "ready": live.ready if live else 0,
                 "restarts": live.restarts if live else 0,
                 "last_restart": live.last_restart if live else None,
-                "list": shown.replicas_info() if shown else [],
+                "list": (shown.replicas_info() if shown else [])
+                + (state.canary.replicas_info() if state.canary else []),
             },
             "inflight": live.pool.inflight if live else 0,
             "queued": live.pool.queued if live else 0,
             "failure": (live.failure if live else None) or record.failure,
             "last_error": state.last_error,
             "updating": state.deploying is not None and live is not None,
+            "rollout": state.rollout_info(),
             "spec": redacted(spec),
             "created_at": record.created_at,
             "updated_at": record.updated_at,
@@ -182,6 +207,7 @@ class FunctionManager:
                 "desired": live.desired if live else 0,
             },
             "version": live.version if live else state.record.version,
+            "rollout": _brief(state),
         }
 
     def snapshot(self) -> list[dict]:
@@ -197,6 +223,7 @@ class FunctionManager:
                     "ready": live.ready if live else 0,
                     "desired": live.desired if live else 0,
                     "cold_starts": state.cold_starts,
+                    "shares": state.shares(),
                 }
             )
         return out
@@ -204,17 +231,26 @@ class FunctionManager:
     # changing -----------------------------------------------------------------
 
     async def deploy(
-        self, spec: FunctionSpec, archive: bytes, update: bool, progress: Progress | None = None
+        self,
+        spec: FunctionSpec,
+        archive: bytes,
+        update: bool,
+        progress: Progress | None = None,
+        canary: int | None = None,
     ) -> asyncio.Task[None]:
-        """Accept a new function or version; the returned task builds and switches to it."""
+        """Accept a new function or version; the returned task builds and switches to it,
+        or starts it as a canary (``canary`` percent, or the spec's ``rollout``)."""
         name = spec.name
         state = self.functions.get(name)
         if state is not None and not update:
             raise FunctionError(
                 409, f"function {name!r} already exists; use --update (PUT) to replace it"
             )
+        if state is not None and state.rollout is not None:
+            raise FunctionError(409, _rollout_busy(state))
         if (state is not None and state.deploying is not None) or name in self._unpacking:
             raise FunctionError(409, f"a deploy of {name!r} is already in progress")
+        plan = self._plan(spec, state, canary)
         version = self.registry.next_version(name)
         code_dir = self.code_root / name / f"v{version}"
         self._unpacking.add(name)
@@ -238,10 +274,29 @@ class FunctionManager:
             self.routes[name] = _unavailable(spec, "it is still being built")
         state.last_error = None
         task = asyncio.get_running_loop().create_task(
-            self._deploy(state, spec, version, code_dir, progress or (lambda _: None))
+            self._deploy(state, spec, version, code_dir, progress or (lambda _: None), plan)
         )
         state.deploying = task
         return task
+
+    def _plan(
+        self, spec: FunctionSpec, state: FunctionState | None, canary: int | None
+    ) -> Rollout | None:
+        """The rollout an update is to follow, or None for a switch of every replica at once."""
+        healthy = state is not None and state.live is not None and not state.live.failure
+        if canary is None and (spec.rollout is None or not healthy):
+            return None  # nothing serving to compare a canary with: it just serves
+        if state is None or state.live is None or state.live.failure:
+            raise FunctionError(
+                409, f"function {spec.name!r} has no version serving to compare a canary with"
+            )
+        plan = spec.rollout or Rollout()
+        if canary is not None:
+            try:
+                plan = plan.starting_at(canary)
+            except ValueError as exc:
+                raise FunctionError(400, f"function {spec.name!r}: canary: {exc}") from None
+        return plan
 
     async def _deploy(
         self,
@@ -250,7 +305,11 @@ class FunctionManager:
         version: int,
         code_dir: Path,
         progress: Progress,
+        plan: Rollout | None = None,
+        kept: bool = False,
     ) -> None:
+        """Build (cached builds run nothing), start, then switch to or roll out ``version``;
+        ``kept``: a kept version (rollback), whose code stays whatever happens."""
         name = spec.name
 
         def log(message: str) -> None:
@@ -273,8 +332,12 @@ class FunctionManager:
                 state.starting = deployment
             deployment.scale(max(spec.replicas.min, 1))
             await deployment.wait_ready()
-            self._switch(state, deployment, spec)
-            log(f"{name} version {version} is ready")
+            if plan is not None and state.live is not None and not state.live.failure:
+                log(f"{name} version {version} is ready")
+                self._start_rollout(state, deployment, plan, 0)
+            else:
+                self._switch(state, deployment, spec)
+                log(f"{name} version {version} is ready")
         except Exception as exc:  # noqa: BLE001 - whatever failed, it is all undone
             # A full disk, say: no reason is too odd to be told, or to leave state behind.
             expected = isinstance(exc, (BuildError, ReplicaFailed))
@@ -292,7 +355,9 @@ class FunctionManager:
                 self.registry.set_failure(name, reason)
                 self.routes[name] = _unavailable(spec, "the function failed to start")
                 log(f"{name} failed:\n{reason}")
-            self._remove_code(code_dir)
+            if not kept:
+                self._remove_code(code_dir)
+                self.registry.delete_version(name, version)
         except asyncio.CancelledError:
             if deployment is not None:
                 await deployment.stop(drain=False)
@@ -318,15 +383,209 @@ class FunctionManager:
             state.retired.append(old)
             asyncio.get_running_loop().create_task(self._retire(state, old))
 
+        self._trim(state)
+
     async def _retire(self, state: FunctionState, old: Deployment) -> None:
         await old.stop(drain=True)
         with contextlib.suppress(ValueError):
             state.retired.remove(old)
             state.cold_starts_before += old.cold_starts
-        # The upload only: a build's directory is a cache other versions may share.
-        self._remove_code(self.code_root / state.name / f"v{old.version}")
+        if self.functions.get(state.name) is state:
+            self._trim(state)
+
+    def _trim(self, state: FunctionState) -> None:
+        """Keep the newest ``keep_versions`` versions, and every one that runs; remove the
+        rest (the upload only: a build's directory is a cache other versions may share)."""
+        running = {d.version for d in (state.live, state.canary, *state.retired) if d is not None}
+        if state.deploying is not None:
+            return  # the version being deployed is not running yet; trim after it
+        kept = len(running)
+        for item in self.registry.versions(state.name):
+            version = item["version"]
+            if version in running:
+                continue
+            if kept < self.limits.keep_versions:
+                kept += 1
+                continue
+            self.registry.delete_version(state.name, version)
+            self._remove_code(self.code_root / state.name / f"v{version}")
+            self.logs.write(state.name, "gateway", f"version {version} removed (--keep-versions)")
+
+    # versions and rollback -----------------------------------------------------------
+
+    def _kept(self, name: str) -> list[dict]:
+        """Versions whose code is on disk, newest first (a gateway before kept versions
+        removed the code of each replaced one; its rows are not versions to go back to)."""
+        return [
+            item
+            for item in self.registry.versions(name)
+            if (self.code_root / name / f"v{item['version']}").is_dir()
+        ]
+
+    def versions(self, name: str) -> list[dict]:
+        """The kept versions, newest first, with whether each serves and its share."""
+        state = self.get(name)
+        shares = state.shares()
+        role = {}
+        if state.live is not None:
+            role[state.live.version] = "stable" if state.rollout else "serving"
+        if state.canary is not None:
+            role[state.canary.version] = "canary"
+        return [
+            {
+                "version": item["version"],
+                "created_at": item["created_at"],
+                "code_hash": item["code_hash"],
+                "serving": item["version"] in shares,
+                "share": shares.get(item["version"], 0),
+                "role": role.get(item["version"], "kept"),
+            }
+            for item in self._kept(name)
+        ]
+
+    async def rollback(self, name: str, to: int | None) -> dict:
+        """Make a kept version serve again, from its code and cached build, with the same
+        switch as an update (no call fails); returns ``info`` once it serves."""
+        state = self.get(name)
+        if state.rollout is not None:
+            raise FunctionError(409, _rollout_busy(state))
+        if state.deploying is not None or name in self._unpacking:
+            raise FunctionError(409, f"a deploy of {name!r} is in progress; roll back after it")
+        current = state.live.version if state.live is not None else state.record.version
+        kept = {item["version"]: item for item in self._kept(name)}
+        if to is None:
+            older = [v for v in kept if v < current]
+            if not older:
+                raise FunctionError(409, f"function {name!r} has no version older than {current}")
+            to = max(older)
+        if to not in kept:
+            have = ", ".join(str(v) for v in sorted(kept, reverse=True)) or "none"
+            raise FunctionError(404, f"function {name!r} has no version {to} kept (kept: {have})")
+        if to == current and state.live is not None and not state.live.failure:
+            raise FunctionError(409, f"version {to} of {name!r} is already serving")
+        spec = FunctionSpec.model_validate(kept[to]["spec"])
+        code_dir = self.code_root / name / f"v{to}"
+        self.logs.write(name, "gateway", f"rolling back from version {current} to {to}")
+        task = asyncio.get_running_loop().create_task(
+            self._deploy(state, spec, to, code_dir, lambda _: None, kept=True)
+        )
+        state.last_error = None
+        state.deploying = task
+        await asyncio.wait({task})  # not cancelled with this request: the switch completes
+        if self.functions.get(name) is not state:
+            raise FunctionError(404, f"function {name!r} was deleted during the rollback")
+        if state.live is None or state.live.version != to:
+            raise FunctionError(
+                500, state.last_error or state.record.failure or f"rollback to {to} failed"
+            )
+        return self.info(name)
+
+    # rollouts --------------------------------------------------------------------------
+
+    def _start_rollout(
+        self,
+        state: FunctionState,
+        canary: Deployment,
+        plan: Rollout,
+        step: int,
+        resumed: bool = False,
+    ) -> None:
+        """Route ``plan``'s share to ``canary`` beside the live version, and judge it."""
+        assert state.live is not None
+        run = RolloutRun(plan, state.live, canary, step)
+        state.rollout = run
+        state.last_rollout = None
+        self.routes[state.name] = run.split
+        self.registry.save_rollout(
+            state.name, state.live.version, canary.version, plan.model_dump(mode="json"), run.step
+        )
+        steps = ", ".join(f"{s}%" for s in plan.steps)
+        what = "resumed" if resumed else "started"
+        self.logs.write(
+            state.name,
+            "rollout",
+            f"rollout of v{canary.version} {what}: {run.share}% of calls"
+            f" (steps {steps}, every {plan.interval:g}s; stable v{state.live.version})",
+        )
+
+        def stepped(index: int, verdict: Verdict) -> None:
+            self.registry.save_rollout(
+                state.name, run.stable.version, canary.version, plan.model_dump(mode="json"), index
+            )
+            self.logs.write(
+                state.name,
+                "rollout",
+                f"canary v{canary.version} at {run.share}% of calls ({_figures(verdict.figures)})",
+            )
+
+        async def ended(promote: bool, reason: str, figures: dict) -> None:
+            if promote:
+                self._promote(state, reason, figures)
+            else:
+                self._abort(state, reason, figures)
+
+        run.task = asyncio.get_running_loop().create_task(run.run(stepped, ended))
+
+    def _end(self, state: FunctionState) -> RolloutRun:
+        run = state.rollout
+        assert run is not None
+        state.rollout = None
+        if run.task is not None and run.task is not asyncio.current_task():
+            run.task.cancel()
+        self.registry.end_rollout(state.name)
+        return run
+
+    def _promote(self, state: FunctionState, reason: str, figures: dict) -> None:
+        run = self._end(state)
+        canary = run.canary
+        state.last_rollout = {
+            "state": "promoted",
+            "stable": run.stable.version,
+            "canary": canary.version,
+            "reason": reason,
+            "figures": figures,
+            "ended_at": time.time(),
+        }
+        self._switch(state, canary, canary.spec)
+        judged = f" ({_figures(figures)})" if figures else ""
+        self.logs.write(state.name, "rollout", f"{reason}: 100% of calls{judged}")
+
+    def _abort(self, state: FunctionState, reason: str, figures: dict) -> None:
+        run = self._end(state)
+        stable = run.stable
+        # All calls back on the stable version at once; those already on the canary finish.
+        self.routes[state.name] = stable.pool
+        state.last_rollout = {
+            "state": "aborted",
+            "stable": stable.version,
+            "canary": run.canary.version,
+            "reason": reason,
+            "figures": figures,
+            "ended_at": time.time(),
+        }
+        state.last_error = reason
+        self.logs.write(state.name, "rollout", f"{reason}; all calls back on v{stable.version}")
+        state.retired.append(run.canary)
+        asyncio.get_running_loop().create_task(self._retire(state, run.canary))
+
+    def rollout(self, name: str) -> dict:
+        return self.get(name).rollout_info()
+
+    def decide(self, name: str, promote: bool) -> dict:
+        """Promote or abort the rollout in progress by hand."""
+        state = self.get(name)
+        run = state.rollout
+        if run is None:
+            raise FunctionError(409, f"function {name!r} has no rollout in progress")
+        if promote:
+            self._promote(state, f"canary v{run.canary.version} promoted by hand", {})
+        else:
+            self._abort(state, f"canary v{run.canary.version} aborted by hand", {})
+        return state.rollout_info()
 
     def _on_failure(self, state: FunctionState, deployment: Deployment | None, reason: str) -> None:
+        if deployment is not None and deployment is state.canary:
+            return  # the rollout's judge sees it and aborts (rollout.py)
         if deployment is not None and deployment is state.live:
             state.record.failure = reason
             self.registry.set_failure(state.name, reason)
@@ -348,7 +607,11 @@ class FunctionManager:
         self.on_spec(name, None)
         self.registry.delete(name)
         trash = self._trash(name)
-        stopping = [d for d in (state.live, *state.retired, state.starting) if d is not None]
+        if state.rollout is not None and state.rollout.task is not None:
+            state.rollout.task.cancel()
+        stopping = [
+            d for d in (state.live, *state.retired, state.starting, state.canary) if d is not None
+        ]
         for deployment in stopping:
             deployment.pool.reject_waiting(404, f"function {name!r} was deleted")
         waits = [d.stop(drain=False) for d in stopping]
@@ -428,6 +691,36 @@ class FunctionManager:
         state.live = deployment
         self.routes[record.name] = deployment.pool
         deployment.scale(record.min_replicas)
+        saved = self.registry.rollout(record.name)
+        if saved is not None:
+            await self._resume_rollout(state, saved)
+
+    async def _resume_rollout(self, state: FunctionState, saved: dict) -> None:
+        """A rollout the gateway stopped in: the canary back, at the step it had reached."""
+        name = state.name
+        version = saved["canary"]
+        kept = {item["version"]: item for item in self.registry.versions(name)}
+        code_dir = self.code_root / name / f"v{version}"
+        if version not in kept or not code_dir.is_dir():
+            self.registry.end_rollout(name)
+            return
+        spec = FunctionSpec.model_validate(kept[version]["spec"])
+        log = lambda message: self.logs.write(name, "build", message)  # noqa: E731
+        try:
+            reqs_file = code_dir / "requirements.txt"
+            env_digest, python = await self.builder.build(
+                reqs_file.read_text() if reqs_file.exists() else "", log
+            )
+            if spec.build:
+                code_dir = await self.build_steps.build(code_dir, spec, env_digest, python, log)
+        except (BuildError, OSError) as exc:
+            self.registry.end_rollout(name)
+            state.last_error = f"rollout of v{version} not resumed after restart: {exc}"
+            return
+        canary = self._deployment(state, spec, version, code_dir, python)
+        canary.scale(max(1, spec.replicas.min))
+        plan = Rollout.model_validate(saved["plan"])
+        self._start_rollout(state, canary, plan, saved["step"], resumed=True)
 
     def _deployment(
         self, state: FunctionState, spec: FunctionSpec, version: int, code_dir: Path, python: str
@@ -462,7 +755,11 @@ class FunctionManager:
             if state.deploying is not None:
                 state.deploying.cancel()
                 deploying.append(state.deploying)
-            deployments.extend(d for d in (state.live, *state.retired) if d is not None)
+            if state.rollout is not None and state.rollout.task is not None:
+                state.rollout.task.cancel()  # its state stays in the registry: it resumes
+            deployments.extend(
+                d for d in (state.live, *state.retired, state.canary) if d is not None
+            )
         # A cancelled deploy kills its build commands before the gateway exits.
         await asyncio.gather(*deploying, return_exceptions=True)
         await asyncio.gather(*(d.stop(drain=False) for d in deployments), return_exceptions=True)
@@ -498,6 +795,45 @@ def redacted(spec: FunctionSpec) -> dict:
     shown = spec.model_dump(mode="json")
     shown["environment"] = {key: REDACTED for key in spec.environment}
     return shown
+
+
+def _rollout_busy(state: FunctionState) -> str:
+    run = state.rollout
+    assert run is not None
+    return (
+        f"function {state.name!r} has a rollout of version {run.canary.version} in progress"
+        f" ({run.share}% of calls, step {run.step + 1} of {len(run.plan.steps)}); finish it"
+        f" first: dcf function promote {state.name} or dcf function abort {state.name}"
+    )
+
+
+def _brief(state: FunctionState) -> dict | None:
+    """The rollout in a line of the list (the dashboard's rollout bar)."""
+    if state.rollout is not None:
+        run = state.rollout
+        return {
+            "state": "running",
+            "stable": run.stable.version,
+            "canary": run.canary.version,
+            "share": run.share,
+            "steps": run.plan.steps,
+        }
+    last = state.last_rollout
+    if last is None:
+        return None
+    return {k: last[k] for k in ("state", "stable", "canary", "reason")}
+
+
+def _figures(figures: dict) -> str:
+    if not figures:
+        return ""
+    parts = [
+        f"{figures['calls']} calls, error rate {figures['error_rate']:.2f}"
+        f" vs {figures['stable_error_rate']:.2f}"
+    ]
+    if figures.get("p95") is not None and figures.get("stable_p95") is not None:
+        parts.append(f"p95 {figures['p95'] * 1000:.1f}ms vs {figures['stable_p95'] * 1000:.1f}ms")
+    return ", ".join(parts)
 
 
 def _unavailable(spec: FunctionSpec, why: str) -> Pool:

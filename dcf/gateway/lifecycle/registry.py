@@ -33,6 +33,18 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at REAL NOT NULL,
     PRIMARY KEY (name, version)
 );
+CREATE TABLE IF NOT EXISTS version_numbers (
+    name TEXT PRIMARY KEY,             -- the last version number given, trimmed or not,
+    last INTEGER NOT NULL              -- so a number never names two uploads
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    name TEXT PRIMARY KEY,             -- one rollout per function at a time
+    stable INTEGER NOT NULL,           -- the version serving the rest of the calls
+    canary INTEGER NOT NULL,           -- the version being rolled out
+    plan TEXT NOT NULL,                -- config.Rollout as JSON
+    step INTEGER NOT NULL,             -- index into the plan's steps
+    started_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS function_keys (
     id TEXT PRIMARY KEY,               -- public: shown by list, named by revoke
     function TEXT NOT NULL,
@@ -89,7 +101,9 @@ class Registry:
 
     def next_version(self, name: str) -> int:
         row = self._db.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?", (name,)
+            "SELECT MAX(COALESCE((SELECT MAX(version) FROM versions WHERE name = ?), 0),"
+            " COALESCE((SELECT last FROM version_numbers WHERE name = ?), 0))",
+            (name, name),
         ).fetchone()
         return int(row[0]) + 1
 
@@ -98,6 +112,52 @@ class Registry:
             "INSERT INTO versions (name, version, spec, code_hash, created_at) VALUES (?,?,?,?,?)",
             (name, version, json.dumps(spec), code_hash, time.time()),
         )
+        self._db.execute(
+            "INSERT INTO version_numbers (name, last) VALUES (?, ?) ON CONFLICT(name)"
+            " DO UPDATE SET last = MAX(last, excluded.last)",
+            (name, version),
+        )
+
+    def versions(self, name: str) -> list[dict]:
+        """The kept versions of ``name``, newest first."""
+        rows = self._db.execute(
+            "SELECT version, spec, code_hash, created_at FROM versions WHERE name = ?"
+            " ORDER BY version DESC",
+            (name,),
+        ).fetchall()
+        fields = ("version", "spec", "code_hash", "created_at")
+        out = [dict(zip(fields, row, strict=True)) for row in rows]
+        for item in out:
+            item["spec"] = json.loads(item["spec"])
+        return out
+
+    def delete_version(self, name: str, version: int) -> None:
+        self._db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+
+    def rollout(self, name: str) -> dict | None:
+        row = self._db.execute(
+            "SELECT stable, canary, plan, step, started_at FROM rollouts WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "stable": row[0],
+            "canary": row[1],
+            "plan": json.loads(row[2]),
+            "step": row[3],
+            "started_at": row[4],
+        }
+
+    def save_rollout(self, name: str, stable: int, canary: int, plan: dict, step: int) -> None:
+        self._db.execute(
+            "INSERT INTO rollouts (name, stable, canary, plan, step, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET stable = excluded.stable,"
+            " canary = excluded.canary, plan = excluded.plan, step = excluded.step",
+            (name, stable, canary, json.dumps(plan), step, time.time()),
+        )
+
+    def end_rollout(self, name: str) -> None:
+        self._db.execute("DELETE FROM rollouts WHERE name = ?", (name,))
 
     def insert(self, name: str, spec: dict, min_replicas: int, max_replicas: int) -> None:
         now = time.time()
@@ -136,6 +196,8 @@ class Registry:
     def delete(self, name: str) -> None:
         self._db.execute("DELETE FROM functions WHERE name = ?", (name,))
         self._db.execute("DELETE FROM versions WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM rollouts WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM version_numbers WHERE name = ?", (name,))
         self._db.execute("DELETE FROM function_keys WHERE function = ?", (name,))
 
     # function keys (dcf.gateway.security.keys) ---------------------------------------------

@@ -232,11 +232,18 @@ class _StateCollector:
         cold = CounterMetricFamily(
             "dcf_function_cold_starts", "Replicas started.", labels=["function"]
         )
+        share = GaugeMetricFamily(
+            "dcf_function_version_share",
+            "Share of calls routed to each serving version (0 to 1; a canary's is its step).",
+            labels=["function", "version"],
+        )
         for s in self._snapshot():
             name = [s["name"]]
+            for version, percent in s.get("shares", {}).items():
+                share.add_metric([s["name"], str(version)], percent / 100)
             inflight.add_metric(name, s["inflight"])
             queued.add_metric(name, s["queued"])
             ready.add_metric(name, s["ready"])
             desired.add_metric(name, s["desired"])
             cold.add_metric(name, s["cold_starts"])
-        return [inflight, queued, ready, desired, cold]
+        return [inflight, queued, ready, desired, cold, share]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from dcf.gateway.body_timeout import BodyClock, BodyTimeout, BodyTooLarge, read_all
 from dcf.gateway.observe.metrics import Metrics
 from dcf.gateway.routing.router import CallError, Pool, Result
+from dcf.gateway.routing.split import VERSION_HEADER, Split, pinned
 from dcf.gateway.routing.stream import relay
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Invoke:
 
     def __init__(
         self,
-        routes: dict[str, Pool],
+        routes: dict[str, Pool | Split],
         metrics: Metrics,
         max_body: int,
         jobs: ASGIApp,
@@ -136,12 +137,15 @@ class Invoke:
             self.metrics.unknown.inc()
             raise CallError(404, f"no function named {name!r}")
         headers = []
+        pin = None
         for key, value in scope["headers"]:
             if key == b"content-length" and int(value or 0) > self.max_body:
                 raise CallError(413, self._too_large())
             k = key.decode("latin-1")
             if k not in _DROP:
                 headers.append((k, value.decode("latin-1")))
+                if k == VERSION_HEADER:
+                    pin = headers[-1][1]
         try:
             body = await read_body(receive, self.max_body, self.body_clock)
         except BodyTooLarge:
@@ -154,6 +158,8 @@ class Invoke:
         pool = self.routes.get(name)
         if pool is None:
             raise CallError(404, f"no function named {name!r}")
+        if pin is not None:
+            pool = pinned(pool, pin, name)
         return await pool.call(scope["method"], path, query, headers, body)
 
     def _too_large(self) -> str:

@@ -292,6 +292,8 @@ class Pool:
         self, function: str, max_queue: int, timeout: float, unresponsive_after: int = 3
     ) -> None:
         self.function = function
+        self.version: int | None = None
+        """The version whose replicas these are (X-DCF-Version pins to it: split.py)."""
         self.max_queue = max_queue
         self.timeout = timeout
         self.unresponsive_after = unresponsive_after

@@ -439,9 +439,30 @@ class ListView {
         h("td", { class: "num p99" }, fmtSeconds(r.latency?.p99)),
         h("td", { class: `num error-rate${rate > 0.05 ? " err-high" : ""}` }, fmtRate(rate)),
         h("td", { class: "muted" }, r.image ? `${r.runtime} · ${r.image}` : r.runtime),
-        h("td", { class: "num muted" }, r.version ? `v${r.version}` : "—"));
+        h("td", { class: "num muted version" }, r.version ? `v${r.version}` : "—",
+          rolloutBar(r.rollout)));
     }));
   }
+}
+
+// A canary rollout on the function's row: the split of calls between the two versions
+// while it runs, and how it ended (the reason, with its figures, on hover).
+function rolloutBar(rollout) {
+  if (!rollout) return null;
+  if (rollout.state !== "running") {
+    const ended = rollout.state === "promoted" ? "promoted" : "aborted";
+    return h("div", { class: `rollout-note rollout-${ended}`, title: rollout.reason,
+      dataset: { rollout: ended } }, `v${rollout.canary} ${ended}`);
+  }
+  const stable = 100 - rollout.share;
+  return h("div", { class: "rollout", dataset: { rollout: "running", share: rollout.share },
+      title: `canary v${rollout.canary} at ${rollout.share}% of calls (steps ${
+        rollout.steps.join(", ")}%)` },
+    h("div", { class: "rollout-bar" },
+      h("span", { class: "rollout-stable", style: `width: ${stable}%` }),
+      h("span", { class: "rollout-canary", style: `width: ${rollout.share}%` })),
+    h("div", { class: "rollout-label" },
+      `v${rollout.stable} ${stable}% · v${rollout.canary} ${rollout.share}%`));
 }
 
 function card(label, value, sub, id) {
