@@ -183,6 +183,9 @@ class FunctionSpec(Strict):
     concurrency: int = Field(4, ge=1, le=1024)
     max_queue: int = Field(256, ge=0, description="calls waiting for a replica before 429")
     timeout: float = 30.0
+    stream_idle_timeout: float = Field(
+        60.0, description="seconds a streamed answer may go without an item before it is cut"
+    )
     build_args: dict[str, str] = {}
     build: list[str] = Field(
         [], description="shell commands run in a copy of the code, once per code+inputs hash"
@@ -240,7 +243,9 @@ class FunctionSpec(Strict):
             raise ValueError(f"unknown runtime {v!r}; available: {', '.join(RUNTIMES)}")
         return v
 
-    @field_validator("timeout", "build_timeout", "start_timeout", mode="before")
+    @field_validator(
+        "timeout", "build_timeout", "start_timeout", "stream_idle_timeout", mode="before"
+    )
     @classmethod
     def _timeout(cls, v: Any) -> float:
         return parse_duration(v)

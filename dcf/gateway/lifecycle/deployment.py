@@ -65,6 +65,7 @@ class Deployment:
         self.backend = backend
         self.log = log
         self.pool = Pool(spec.name, spec.max_queue, spec.timeout, self.limits.unresponsive_after)
+        self.pool.stream_idle = spec.stream_idle_timeout
         self.pool.version = version
         self.members: dict[str, Member] = {}
         self.desired = 0

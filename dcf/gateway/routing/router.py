@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from dcf import wire
 from dcf.gateway.observe import tracing
-from dcf.gateway.routing.stream import StreamIn
+from dcf.gateway.routing.stream import IDLE, StreamIn
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -297,6 +297,8 @@ class Pool:
         self.max_queue = max_queue
         self.timeout = timeout
         self.unresponsive_after = unresponsive_after
+        self.stream_idle = IDLE
+        """Seconds a streamed answer may go without an item (the function's setting)."""
         self.replicas: list[ReplicaLink] = []
         self.waiters: deque[asyncio.Future[ReplicaLink]] = deque()
         self.inflight = 0
@@ -461,7 +463,7 @@ class Pool:
                         if type(result[2]) is not bytes:
                             held = True
                             ended = functools.partial(self._stream_ended, link)
-                            result[2].hold(ended, started, self.timeout)
+                            result[2].hold(ended, started, self.timeout, self.stream_idle)
                         return result
                     except NotDelivered:
                         if link.dead:

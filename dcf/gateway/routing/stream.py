@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from dcf.gateway.observe.metrics import Metrics
 
 IDLE = 60.0
-"""Seconds a stream may go without an item (never more than its function's timeout)."""
+"""Seconds a stream may go without an item, unless its function's ``stream_idle_timeout``
+says otherwise (never more than its function's timeout)."""
 
 COALESCE = 256 << 10
 """Bytes of items already arrived that leave in one write (one chunk) rather than one each."""
@@ -66,6 +67,7 @@ class StreamIn:
         self.deadline = float("inf")
         """When the function's timeout cuts it (monotonic)."""
         self.timeout = 0.0
+        self.idle = IDLE
         self.items = 0
 
     # the replica channel's side -------------------------------------------------
@@ -96,10 +98,14 @@ class StreamIn:
 
     # the pool's side ----------------------------------------------------------------
 
-    def hold(self, release: Callable[[], None], started: float, timeout: float) -> None:
-        """Run ``release`` (free the replica's slot) once the replica has ended the stream."""
+    def hold(
+        self, release: Callable[[], None], started: float, timeout: float, idle: float = IDLE
+    ) -> None:
+        """Run ``release`` (free the replica's slot) once the replica has ended the stream;
+        until then it is cut past ``timeout`` in all, or ``idle`` seconds without an item."""
         self.deadline = started + timeout
         self.timeout = timeout
+        self.idle = idle
         if self._ended:
             release()
         else:
@@ -118,7 +124,7 @@ class StreamIn:
                 if self._failure is not None:
                     raise self._failure
                 return None
-            idle = min(IDLE, self.timeout) if self.timeout else IDLE
+            idle = min(self.idle, self.timeout) if self.timeout else self.idle
             left = self.deadline - time.monotonic()
             if left <= 0:
                 self._expire(idle, timeout=True)
