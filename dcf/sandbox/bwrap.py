@@ -29,24 +29,20 @@ def python_paths(python: str) -> list[str]:
     return [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
 
 
-def argv(
-    binary: str,
-    command: list[str],
-    *,
-    code_dir: str,
-    socket_dir: str,
-    python: str,
-    tmp_size: int,
-    network: bool = True,
-    gpus: bool = False,
-) -> list[str]:
-    """``bwrap ... -- command``: the runtime sees only what a replica of this function needs."""
-    args = [binary, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
-    args += ["--unshare-uts", "--unshare-cgroup-try"]
-    if not network:
-        args.append("--unshare-net")
-    # /tmp first: what lives under the host's /tmp (a DCF_HOME, say) is bound over it.
-    args += ["--size", str(tmp_size), "--tmpfs", "/tmp"]
+# Its own PID, IPC, UTS and cgroup namespaces, in a session of its own, gone with its parent.
+NAMESPACES = (
+    "--die-with-parent",
+    "--new-session",
+    "--unshare-pid",
+    "--unshare-ipc",
+    "--unshare-uts",
+    "--unshare-cgroup-try",
+)
+
+
+def _system(python: str) -> list[str]:
+    """The read-only view every sandbox has: the system minus its secrets, Python, /proc."""
+    args: list[str] = []
     for path in SYSTEM:
         if os.path.isdir(path) and not os.path.islink(path):
             args += ["--ro-bind", path, path]
@@ -60,7 +56,26 @@ def argv(
             args += ["--ro-bind", "/dev/null", path]
     for path in python_paths(python):
         args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev"]
+    return args + ["--proc", "/proc", "--dev", "/dev"]
+
+
+def argv(
+    binary: str,
+    command: list[str],
+    *,
+    code_dir: str,
+    socket_dir: str,
+    python: str,
+    tmp_size: int,
+    network: bool = True,
+    gpus: bool = False,
+) -> list[str]:
+    """``bwrap ... -- command``: the runtime sees only what a replica of this function needs."""
+    args = [binary, *NAMESPACES]
+    if not network:
+        args.append("--unshare-net")
+    # /tmp first: what lives under the host's /tmp (a DCF_HOME, say) is bound over it.
+    args += ["--size", str(tmp_size), "--tmpfs", "/tmp", *_system(python)]
     if gpus:
         for name in sorted(os.listdir("/dev")):
             if name.startswith("nvidia"):
@@ -86,24 +101,8 @@ def build_argv(
     fetch weights and packages), ``writable`` (its upload copy, or the environment being
     built) and ``scratch`` as its ``/tmp`` (on disk: a download may be larger than RAM).
     """
-    args = [binary, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
-    args += ["--unshare-uts", "--unshare-cgroup-try"]
     # /tmp first, as for a replica: what lives under the host's /tmp is bound over it.
-    args += ["--bind", scratch, "/tmp"]
-    for path in SYSTEM:
-        if os.path.isdir(path) and not os.path.islink(path):
-            args += ["--ro-bind", path, path]
-    for path in LINKS:
-        if os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    for path in SECRETS:
-        if os.path.exists(path):
-            args += ["--ro-bind", "/dev/null", path]
-    for path in python_paths(python):
-        args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev"]
+    args = [binary, *NAMESPACES, "--bind", scratch, "/tmp", *_system(python)]
     for path in writable:  # after the read-only binds: an environment is among them
         args += ["--bind", path, path]
     args += ["--chdir", chdir, "--"]
