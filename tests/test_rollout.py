@@ -383,7 +383,9 @@ def test_version_header_pins_and_bad_input_is_refused(lgw: GatewayProcess, tmp_p
 def test_a_restarted_gateway_resumes_the_rollout_at_its_step(tmp_path: Path):
     gw = GatewayProcess(tmp_path / "home").start()
     try:
-        plan = {"steps": [10, 50, 100], "interval": "1s", "min_calls": 5}
+        # What is tested is the resume, not the judge: latency on a loaded machine must not
+        # abort it, and each step lasts long enough to stop the gateway within it.
+        plan = {"steps": [10, 50, 100], "interval": "3s", "min_calls": 5, "max_p95_ratio": 100}
         config = write_function(tmp_path, "resume", VERSIONED.format(v="v1", sleep=0))
         create(gw, config)
         gw.wait_status("resume", "Ready")
@@ -392,8 +394,10 @@ def test_a_restarted_gateway_resumes_the_rollout_at_its_step(tmp_path: Path):
             create(gw, config, "--update", "--canary", "10%")
 
             def at_50() -> bool:
-                data = gw.http().get("/system/function/resume/rollout").json()
-                return data["state"] == "running" and data["share"] == 50
+                with gw.http() as http:
+                    data = http.get("/system/function/resume/rollout").json()
+                assert data["state"] == "running", data  # not aborted, not promoted yet
+                return data["share"] == 50
 
             eventually(at_50, 30, 0.02)
             caller._stop.set()
