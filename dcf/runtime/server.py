@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from dcf import wire
+from dcf import tuning, wire
 from dcf.runtime.handler import Invoker, Result
 from dcf.runtime.request import Request
 from dcf.runtime.streaming import Items, Stream, StreamOut, content_type, encode
@@ -53,6 +53,7 @@ class GatewayConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        tuning.tune_socket(transport.get_extra_info("socket"))
         if self._secret is not None:
             self._loop.call_later(self.HELLO_TIMEOUT, self._refuse_if_unproven)
 

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from dcf import wire
+from dcf import tuning, wire
 from dcf.gateway.observe import tracing
 from dcf.gateway.routing.stream import StreamIn
 
@@ -240,6 +240,7 @@ class ReplicaLink:
             _keep_alive(transport.get_extra_info("socket"))
         else:
             transport, opened = await loop.create_unix_connection(channel, self.address)
+        tuning.tune_socket(transport.get_extra_info("socket"))
         if self.secret is not None:
             transport.writelines(wire.hello_frame(self.secret))
         return opened
