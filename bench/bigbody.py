@@ -8,6 +8,10 @@ installed, flame graphs (SVG) of the gateway and the replica of both backends at
 connections are written next to the results (``<name>-bigbody-<backend>-<process>.svg``):
 they say where a 600 KB call's CPU goes.
 
+With ``DCF_BENCH_BASELINE=DIR`` (a checkout of DCF, e.g. main before a change), a
+gateway of that code with the local backend runs in turns with the others
+(``baseline``), flame graphs included: before and after from one run.
+
 Targets: DCF local ≥ 0.75 × the bare hop, DCF Ray backend ≥ 0.85 × DCF local (@8).
 """
 
@@ -92,6 +96,8 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "bigbody") ->
         cwd=util.ROOT,
     )
     local = Gateway(cpus=server, label="local gateway")
+    baseline_dir = os.environ.get("DCF_BENCH_BASELINE")
+    baseline: Gateway | None = None
     cluster: RayCluster | None = None
     ray: Gateway | None = None
     try:
@@ -104,6 +110,18 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "bigbody") ->
             ("bare", f"http://127.0.0.1:{bare_port}/echo", {"server": bare.pid}, False),
             ("local", local.function_url("echo"), {**local_pids, "replica": sandbox}, False),
         ]
+        flames = {"local": (local.function_url("echo"), local_pids)}
+        if baseline_dir:
+            out["baseline_dir"] = baseline_dir
+            baseline = Gateway(
+                cpus=server, label="baseline gateway", env={"PYTHONPATH": baseline_dir}
+            )
+            baseline.deploy("echo", echo_dir, "echo_async.py", concurrency=64)
+            tree = util.descendants(baseline.replica_pids("echo")[0])
+            base_pids = {"gateway": baseline.pid, "replica": _python_of(tree)}
+            url = baseline.function_url("echo")
+            targets.append(("baseline", url, {**base_pids, "replica": tree}, False))
+            flames["baseline"] = (url, base_pids)
         why = available()
         if why:
             out["ray"] = {"skipped": why}
@@ -145,7 +163,6 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "bigbody") ->
             for key, result in rows.items():
                 out.setdefault(key, {})[f"c{conns}"] = result
         if results_dir is not None and shutil.which("py-spy") and not ctx.quick:
-            flames = {"local": (local.function_url("echo"), local_pids)}
             if ray is not None:
                 flames["ray"] = (ray.function_url("echo"), ray_pids)
             out["flames"] = {}
@@ -155,7 +172,7 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "bigbody") ->
                 out["flames"][backend] = _flames(ctx, url, pids, big, stem)
         return out
     finally:
-        for g in (ray, local):
+        for g in (ray, local, baseline):
             if g is not None:
                 g.stop()
         if cluster is not None:
@@ -203,6 +220,18 @@ def targets(results: dict) -> list[dict]:
     part = results.get("bigbody") or {}
     rows = []
     for conns in (8, 64):
+        base, now = _rps(part, "baseline", conns), _rps(part, "local", conns)
+        if base and now:
+            rows.append(
+                {
+                    "target": f"600 KB echo req/s @{conns}: DCF local / its baseline",
+                    "value": round(now / base, 2),
+                    "measured": f"{now / base:.2f}",
+                    "goal": "(no goal)",
+                    "status": "–",
+                    "note": "",
+                }
+            )
         bare, local, ray = (_rps(part, k, conns) for k in ("bare", "local", "ray"))
         for label, num, den, goal in (
             (f"600 KB echo req/s @{conns}: DCF local / bare hop", local, bare, LOCAL_TARGET),

@@ -450,8 +450,8 @@ def table(results: dict) -> str:
         f"{part.get('duration_s')} s per cell; batching: {part.get('batching')}",
         "",
         "| workload | system | req/s @1 | req/s @8 | req/s @64 | p50 @8 ms | p99 @8 ms | "
-        "CPU µs/call @8 | RSS MB | cold start s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "CPU µs/call @8 | RSS MB | cold start s | errors @1/8/64 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in WORKLOADS:
         for name in SYSTEMS:
@@ -469,14 +469,16 @@ def table(results: dict) -> str:
                 + " | ".join(f"{r:.1f}" if r is not None else "–" for r in rps)
                 + f" | {c8.get('p50_ms', 0):.2f} | {c8.get('p99_ms', 0):.2f} | "
                 f"{c8.get('cpu_us_per_req', '–')} | {row.get('rss_mb', '–')} | "
-                f"{row.get('cold_start_s', '–')} |"
+                f"{row.get('cold_start_s', '–')} | "
+                + "/".join(str(_cell(row, key, c).get("errors", "–")) for c in CONNS)
+                + " |"
             )
         if key == "ssd" and part.get("in-process-batch8"):
             inproc = part["in-process-batch8"]
             lines.append(
                 f"| {WORKLOAD_LABELS[key]} | the model in-process, batches of 8 | – | "
                 f"{inproc['rps']:.1f} | – | {inproc['p50_ms']:.2f} | {inproc['p99_ms']:.2f} | "
-                "– | – | – |"
+                "– | – | – | – |"
             )
     lines += [
         "",
