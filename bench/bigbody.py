@@ -200,6 +200,7 @@ def table(results: dict) -> str | None:
     ]
     labels = {
         "bare": "bare uvicorn+Starlette",
+        "baseline": f"DCF baseline ({part.get('baseline_dir')}), local backend",
         "local": "DCF, local backend",
         "ray": "DCF, Ray backend",
     }

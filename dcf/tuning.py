@@ -27,16 +27,21 @@ MMAP_THRESHOLD = 16 << 20
 
 
 def tune_socket(sock: object) -> None:
-    """Large buffers (and, on TCP, no Nagle delay) on one link; best effort."""
+    """Large buffers on a unix link, no Nagle delay on a TCP one; best effort.
+
+    TCP's buffers are left to the kernel: setting them turns off its autotuning, which
+    grows them further than any fixed size here would (tcp_rmem's max).
+    """
     setsockopt = getattr(sock, "setsockopt", None)
     if setsockopt is None:
+        return
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return
     with contextlib.suppress(OSError):
         setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 _tuned = False
