@@ -10,12 +10,17 @@ Workloads (every system serves all three, from ``bench/peers/workloads.py``):
   example's settings (at most 8 per batch, 5 ms wait; BentoML's adaptive batcher
   takes no wait, only its ``max_batch_size``). DCF serves ``ssd-test`` as shipped.
 
-Each system in turn: started (cold start: from its spawn to its first SSD
-answer), echo and 600 KB rows with every server process on the server core and
-wrk on the other, SSD rows with nothing pinned (the model uses every core), then
-its processes' RSS, then stopped with everything it started. Cells: req/s at 1, 8
-and 64 connections, p50/p99 at 8. The SSD model in-process with batches of 8 is the
-SSD rows' ceiling.
+The systems are started one after the other (cold start: from its spawn to its
+first SSD answer) and then all serve side by side, idle but for the one being
+measured, so that every cell is taken in turns: each workload and connection
+count in two rounds over all systems, the better kept (other work on a shared
+machine can only slow a run down, and interleaving keeps a burst of it from
+landing on one system only). Echo and 600 KB cells put every process of every
+system on the server core and wrk on the other; SSD cells pin nothing (the
+model uses every core). Cells: req/s at 1, 8 and 64 connections, p50/p99 at 8,
+CPU µs per call of the system's processes. Then each system's resident memory,
+then all are stopped with everything they started. The SSD model in-process
+with batches of 8, run in the same rounds, is the SSD rows' ceiling.
 
 The peers conflict with DCF's pins, so each lives in a venv of its own, made from
 ``bench/peers/<peer>-requirements.txt`` the first time (and when that file
@@ -37,6 +42,7 @@ from pathlib import Path
 
 from bench import apps, ssd, util
 from bench.context import ECHO_BODY, Context, big_body
+from bench.echo import best_of
 from bench.gateway import Gateway
 
 HERE = Path(__file__).resolve().parent
@@ -353,27 +359,25 @@ def _cpu(pids: list[int]) -> float:
     return sum(util.cpu_seconds(p) for p in pids)
 
 
-def _cells(
-    ctx: Context, system: System, key: str, duration: float, pinned: bool
-) -> dict[str, dict]:
-    load = system.loads[key]
-    gen = ctx.gen if pinned else ctx.gen_shared
-    util.set_affinity_tree(system.root, ctx.cpus.server if pinned else ctx.cpus.all)
+def _pin(ctx: Context, system: System, pinned: bool) -> None:
+    cpus = ctx.cpus.server if pinned else ctx.cpus.all
+    util.set_affinity_tree(system.root, cpus)
     if isinstance(system, DcfSystem) and system.cluster is not None:
-        util.set_affinity_tree(system.cluster.pid, ctx.cpus.server if pinned else ctx.cpus.all)
-    gen.run(load.url, 8, ctx.warmup, load.bodies, warmup=0, ctype=load.ctype, headers=load.headers)
-    out: dict[str, dict] = {}
-    for conns in CONNS:
-        pids = system.pids()
-        before = _cpu(pids)
-        result = gen.run(
-            load.url, conns, duration, load.bodies, warmup=0, ctype=load.ctype, headers=load.headers
-        )
-        if result.get("requests"):
-            used = _cpu(pids) - before
-            result["cpu_us_per_req"] = round(used * 1e6 / result["requests"], 1)
-        out[f"c{conns}"] = result
-    return out
+        util.set_affinity_tree(system.cluster.pid, cpus)
+
+
+def _cell(ctx: Context, system: System, key: str, conns: int, duration: float) -> dict:
+    """One run of ``conns`` connections, with the CPU µs per call of all the system's processes."""
+    load = system.loads[key]
+    gen = ctx.gen if key != "ssd" else ctx.gen_shared
+    pids = system.pids()
+    before = _cpu(pids)
+    result = gen.run(
+        load.url, conns, duration, load.bodies, warmup=0, ctype=load.ctype, headers=load.headers
+    )
+    if result.get("requests"):
+        result["cpu_us_per_req"] = round((_cpu(pids) - before) * 1e6 / result["requests"], 1)
+    return result
 
 
 def _payloads(ctx: Context) -> dict[str, list[bytes]]:
@@ -390,6 +394,7 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "peers") -> d
     only = os.environ.get("DCF_BENCH_PEERS")  # a comma-separated subset, for trying one out
     systems = [s for s in SYSTEMS if not only or s in only.split(",")]
     echo_s, ssd_s = (1, 2) if ctx.quick else (2, 3)
+    rounds = 1 if ctx.quick else 2
     out: dict = {
         "cpus": ctx.cpus.describe(),
         "duration_s": {"echo": echo_s, "big": echo_s, "ssd": ssd_s},
@@ -397,46 +402,74 @@ def run(ctx: Context, results_dir: Path | None = None, name: str = "peers") -> d
         "samples": [p.name for p in apps.ssd_samples(ctx.example)],
         "systems": {},
     }
-    for system_name in systems:
-        util.log(f"peers: {system_name}")
-        ctx.settle()
-        row: dict = {}
-        out["systems"][system_name] = row
-        try:
-            system, cold = _start(ctx, system_name, ssd_dir, payloads)
-        except Exception as exc:  # noqa: BLE001 - report it, go on with the others
-            util.log(f"peers: {system_name} did not start: {exc}")
-            row["skipped"] = f"did not start: {type(exc).__name__}: {str(exc)[-600:]}"
-            continue
-        try:
-            row["versions"] = system.versions
-            row["cold_start_s"] = round(cold, 2)
-            _check(system_name, system.loads, payloads)
-            for key in WORKLOADS:
-                pinned = key != "ssd"
-                row[key] = _cells(ctx, system, key, ssd_s if key == "ssd" else echo_s, pinned)
-            row["rss_mb"] = round(sum(util.rss_mb(p) or 0 for p in system.pids()), 1)
-            row["processes"] = len(system.pids())
-        except Exception as exc:  # noqa: BLE001
-            util.log(f"peers: {system_name} failed: {exc}")
-            row["failed"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
-        finally:
-            system.stop()
-            time.sleep(1)
-    util.log("peers: the SSD model in-process, batches of 8")
+    started: dict[str, System] = {}
     files = []
     for i, data in enumerate(payloads["ssd"]):
         body = Path(ssd_dir, f"sample{i}.b64")
         body.write_bytes(data)
         files.append(str(body))
-    out["in-process-batch8"] = ssd.in_process(ssd_dir, "batched", 8, ssd_s * 2, 1, files)
+    inproc: list[dict] = []
+    try:
+        for system_name in systems:
+            util.log(f"peers: starting {system_name}")
+            row: dict = {}
+            out["systems"][system_name] = row
+            try:
+                system, cold = _start(ctx, system_name, ssd_dir, payloads)
+                started[system_name] = system
+                row["versions"] = system.versions
+                row["cold_start_s"] = round(cold, 2)
+                _check(system_name, system.loads, payloads)
+            except Exception as exc:  # noqa: BLE001 - report it, go on with the others
+                util.log(f"peers: {system_name} did not start: {exc}")
+                row["skipped"] = f"did not start: {type(exc).__name__}: {str(exc)[-600:]}"
+                if system_name in started:
+                    started.pop(system_name).stop()
+        runs: dict[tuple[str, str, int], list[dict]] = {}
+        for key in WORKLOADS:
+            duration = ssd_s if key == "ssd" else echo_s
+            for system in started.values():
+                _pin(ctx, system, key != "ssd")
+            ctx.settle()
+            for system in started.values():  # warm-up
+                load = system.loads[key]
+                gen = ctx.gen if key != "ssd" else ctx.gen_shared
+                gen.run(
+                    load.url,
+                    8,
+                    ctx.warmup,
+                    load.bodies,
+                    warmup=0,
+                    ctype=load.ctype,
+                    headers=load.headers,
+                )
+            for conns in CONNS:
+                for round_ in range(rounds):
+                    util.log(f"peers: {key} @{conns}, round {round_ + 1}/{rounds}")
+                    for name, system in started.items():
+                        cell = _cell(ctx, system, key, conns, duration)
+                        runs.setdefault((name, key, conns), []).append(cell)
+                    if key == "ssd" and conns == 8:
+                        util.log("peers: the SSD model in-process, batches of 8")
+                        inproc.append(ssd.in_process(ssd_dir, "batched", 8, duration, 1, files))
+        for (name, key, conns), cells in runs.items():
+            out["systems"][name].setdefault(key, {})[f"c{conns}"] = best_of(cells)
+        for name, system in started.items():
+            pids = system.pids()
+            out["systems"][name]["rss_mb"] = round(sum(util.rss_mb(p) or 0 for p in pids), 1)
+            out["systems"][name]["processes"] = len(pids)
+    finally:
+        for system in started.values():
+            system.stop()
+    if inproc:
+        out["in-process-batch8"] = best_of(inproc)
     return out
 
 
 # -- report ------------------------------------------------------------------------------------
 
 
-def _cell(row: dict, key: str, conns: int) -> dict:
+def _at(row: dict, key: str, conns: int) -> dict:
     return (row.get(key) or {}).get(f"c{conns}") or {}
 
 
@@ -446,7 +479,8 @@ def table(results: dict) -> str:
         return f"## Peers — skipped: {part['skipped']}"
     systems = part.get("systems") or {}
     lines = [
-        f"## Peers — one system at a time; echo rows: {part.get('cpus')}; SSD rows not pinned; "
+        f"## Peers — all running, measured in turns (best of 2 rounds); echo rows: "
+        f"{part.get('cpus')}; SSD rows not pinned; "
         f"{part.get('duration_s')} s per cell; batching: {part.get('batching')}",
         "",
         "| workload | system | req/s @1 | req/s @8 | req/s @64 | p50 @8 ms | p99 @8 ms | "
@@ -462,15 +496,15 @@ def table(results: dict) -> str:
                 why = " ".join((row.get("skipped") or row.get("failed")).split())
                 lines.append(f"| {WORKLOAD_LABELS[key]} | {LABELS[name]} | {why[:120]} |")
                 continue
-            c8 = _cell(row, key, 8)
-            rps = [_cell(row, key, c).get("rps") for c in CONNS]
+            c8 = _at(row, key, 8)
+            rps = [_at(row, key, c).get("rps") for c in CONNS]
             lines.append(
                 f"| {WORKLOAD_LABELS[key]} | {LABELS[name]} | "
                 + " | ".join(f"{r:.1f}" if r is not None else "–" for r in rps)
                 + f" | {c8.get('p50_ms', 0):.2f} | {c8.get('p99_ms', 0):.2f} | "
                 f"{c8.get('cpu_us_per_req', '–')} | {row.get('rss_mb', '–')} | "
                 f"{row.get('cold_start_s', '–')} | "
-                + "/".join(str(_cell(row, key, c).get("errors", "–")) for c in CONNS)
+                + "/".join(str(_at(row, key, c).get("errors", "–")) for c in CONNS)
                 + " |"
             )
         if key == "ssd" and part.get("in-process-batch8"):
@@ -512,13 +546,13 @@ def targets(results: dict) -> list[dict]:
     dcf = systems.get("dcf") or {}
     for key in WORKLOADS:
         for conns in (8, 64):
-            ours = _cell(dcf, key, conns).get("rps")
-            peers = [(n, _cell(systems.get(n) or {}, key, conns).get("rps")) for n in PEERS]
+            ours = _at(dcf, key, conns).get("rps")
+            peers = [(n, _at(systems.get(n) or {}, key, conns).get("rps")) for n in PEERS]
             peers = [(n, r) for n, r in peers if r]
             if not ours or not peers:
                 continue
             best = max(peers, key=lambda p: p[1])
-            ray = _cell(systems.get("dcf-ray") or {}, key, conns).get("rps")
+            ray = _at(systems.get("dcf-ray") or {}, key, conns).get("rps")
             note = f"Ray backend: {ray / best[1]:.2f}×" if ray else ""
             add(
                 f"{WORKLOAD_LABELS[key]} req/s @{conns}: DCF / best peer ({LABELS[best[0]]})",
@@ -527,7 +561,7 @@ def targets(results: dict) -> list[dict]:
                 note,
             )
     inproc = (part.get("in-process-batch8") or {}).get("rps")
-    ours = _cell(dcf, "ssd", 8).get("rps")
+    ours = _at(dcf, "ssd", 8).get("rps")
     if inproc and ours:
         add("COCO SSD req/s @8: DCF / the model in-process, batches of 8", ours / inproc, 0.95)
     return rows
