@@ -4,7 +4,9 @@ Parts (``PARTS``): echo, tracing (echo with tracing off and on), ssd, coldstart,
 memory, cli, streaming, isolation (the sandbox against ``--isolation process``),
 ray (Ray Serve), raybackend (DCF's Ray backend), oip (V2 infer beside MLServer,
 bench/oip.py), all of these by default (``--quick`` leaves the two Ray parts out
-unless named), and profile (only when named). Prints a markdown table and writes
+unless named), and profile, bigbody (600 KB echo: bare hop, local, Ray backend, with
+flame graphs) and peers (LitServe, BentoML, PyTriton, Ray Serve beside DCF,
+bench/peers/), only when named. Prints a markdown table and writes
 ``bench/results/<name>.json`` and ``<name>.md``, and
 ``latest.json``/``latest.md`` (``latest-quick.*`` for ``--quick``).
 """
@@ -36,7 +38,7 @@ DEFAULT = (
     "raybackend",
     "oip",
 )
-PARTS = (*DEFAULT, "profile")
+PARTS = (*DEFAULT, "profile", "bigbody", "peers")
 RAY_PARTS = ("ray", "raybackend")  # left out of --quick's defaults
 RESULTS = util.BENCH_DIR / "results"
 
@@ -271,6 +273,14 @@ def _run_part(part: str, ctx: Context, results: dict, name: str) -> dict:
         from bench import profile
 
         return profile.run(ctx, RESULTS, name)
+    if part == "bigbody":
+        from bench import bigbody
+
+        return bigbody.run(ctx, RESULTS, name)
+    if part == "peers":
+        from bench import peers
+
+        return peers.run(ctx, RESULTS, name)
     raise ValueError(part)
 
 

@@ -37,16 +37,19 @@ for i, p in ipairs(paths) do
   bodies[i] = f:read("*a")
   f:close()
 end
+local extra = {%(extra)s}
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "%(ctype)s"
-if #bodies == 1 then
+if #bodies == 1 and #extra == 0 then
   wrk.body = bodies[1]
 else
   local reqs = {}
   local n = 0
   init = function(args)
     for i, b in ipairs(bodies) do
-      reqs[i] = wrk.format("POST", nil, nil, b)
+      local headers = {["Content-Type"] = "%(ctype)s"}
+      for k, v in pairs(extra[i] or {}) do headers[k] = v end
+      reqs[i] = wrk.format("POST", nil, headers, b)
     end
   end
   request = function()
@@ -101,21 +104,38 @@ class Generator:
         warmup: float = 1.0,
         python: bool = False,
         ctype: str = "application/octet-stream",
+        headers: Sequence[dict[str, str]] = (),
     ) -> dict:
         """Closed-loop load for ``duration`` s after ``warmup`` s; ``url`` may be ``unix:PATH``
-        (a replica's framed socket, asyncio generator only)."""
+        (a replica's framed socket, asyncio generator only). ``headers``: more headers for
+        each body, in order (wrk only: Triton's binary tensors need one per body)."""
         files = [self._body_file(b) for b in bodies]
         if url.startswith("unix:") or python or not self.use_wrk:
             return self._python(url, conns, duration, files, warmup)
         if warmup > 0:
-            self._wrk(url, conns, warmup, files, ctype)
-        return self._wrk(url, conns, duration, files, ctype)
+            self._wrk(url, conns, warmup, files, ctype, headers)
+        return self._wrk(url, conns, duration, files, ctype, headers)
 
-    def _wrk(self, url: str, conns: int, duration: float, files: list[str], ctype: str) -> dict:
-        script = os.path.join(self._dir, f"post{abs(hash(tuple(files)))}.lua")
+    def _wrk(
+        self,
+        url: str,
+        conns: int,
+        duration: float,
+        files: list[str],
+        ctype: str,
+        headers: Sequence[dict[str, str]] = (),
+    ) -> dict:
+        key = (tuple(files), ctype, json.dumps(list(headers)))
+        script = os.path.join(self._dir, f"post{abs(hash(key))}.lua")
         if not os.path.exists(script):
             paths = ", ".join(json.dumps(f) for f in files)
-            Path(script).write_text(_LUA % {"paths": paths, "ctype": ctype, "mark": WRK_MARK})
+            extra = ", ".join(
+                "{" + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in h.items()) + "}"
+                for h in headers
+            )
+            Path(script).write_text(
+                _LUA % {"paths": paths, "ctype": ctype, "mark": WRK_MARK, "extra": extra}
+            )
         cmd = [
             "wrk",
             "-t1",

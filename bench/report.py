@@ -693,9 +693,14 @@ def targets(results: dict) -> list[dict]:
         lambda v: v < 100,
         lambda v: f"{v - 100:.1f} MB",
     )
-    from bench import oip  # the V2 part's own rows (bench/oip.py)
+    from bench import bigbody, oip  # parts with their own rows
 
     out += oip.targets(results)
+    out += bigbody.targets(results)
+    if results.get("peers"):
+        from bench import peers
+
+        out += peers.targets(results)
     if results.get("tracing"):
         from bench import tracing
 
@@ -903,8 +908,15 @@ def render(results: dict) -> str:
     elif get(results, "raybackend", "ssd", "skipped"):
         why = results["raybackend"]["ssd"]["skipped"]
         parts += ["", f"DCF's Ray backend, SSD — skipped: {why}"]
-    from bench import oip
+    from bench import bigbody, oip
 
+    big = bigbody.table(results)
+    if big:
+        parts += ["", big]
+    if results.get("peers"):
+        from bench import peers
+
+        parts += ["", peers.table(results)]
     v2 = oip.section(results)
     if v2:
         parts += ["", v2]

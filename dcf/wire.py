@@ -24,6 +24,7 @@ gateway gave this replica; a replica closes any connection that opens otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 REQUEST_HEAD = struct.Struct("!III")
@@ -136,6 +137,146 @@ class FrameReader:
         self._need = size if end - start < size else stop - start
         if start:
             del buffer[:start]
+        return frames
+
+
+BUFFER = 256 << 10
+"""What one read may fill (uvloop's own read buffer is as large)."""
+PREALLOCATE_MAX = 64 << 20
+"""Largest body read straight into a buffer of its size; a larger one is gathered as it
+comes (a header alone must not make a process allocate gigabytes)."""
+
+
+class FrameTooLarge(ValueError):
+    """A frame larger than the reader's ``limit``: the connection must end."""
+
+
+class BufferedFrameReader:
+    """Cuts frames out of what an ``asyncio.BufferedProtocol`` reads, with fewer copies.
+
+    ``FrameReader`` gets each read as a new bytes object (the event loop copies it out of
+    its own buffer) and joins a large body's chunks at the end: three copies of every
+    body byte. Here the kernel writes small frames into one reusable buffer and a large
+    body straight into a buffer of the body's size, which becomes the frame's bytes with
+    one more copy: two. ``get_buffer``/``buffer_updated`` are the protocol's two calls.
+
+    ``first_limit``: the largest first frame accepted (None: any), e.g. a HELLO before
+    a connection has proven it is the gateway's; a larger one raises
+    :class:`FrameTooLarge`. Later frames have no limit.
+    """
+
+    def __init__(self, head: struct.Struct, first_limit: int | None = None) -> None:
+        self._head = head
+        self._limit = first_limit
+        self._buffer = bytearray(BUFFER)
+        self._start = 0  # unparsed bytes are _buffer[_start:_end]
+        self._end = 0
+        self._need = head.size  # bytes from _start the next frame needs before it can progress
+        self._large: tuple | None = None  # (head fields, meta) of the large body under way
+        self._body: bytearray | None = None  # the large body, filled in place
+        self._filled = 0
+        self._chunks: list[bytes] | None = None  # a body beyond PREALLOCATE_MAX, as it came
+        self._missing = 0
+        self._view: memoryview | None = None
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read goes: the large body's rest, or the buffer's free end."""
+        self._release()
+        if self._body is not None:
+            view = memoryview(self._body)[self._filled :]
+        else:
+            free = len(self._buffer) - self._end
+            pending = self._end - self._start
+            if free < max(self._need - pending, BUFFER // 4):
+                # A fresh buffer, not a resize: the loop may still hold the old one's view.
+                size = max(BUFFER, 2 * max(self._need, pending))
+                fresh = bytearray(size)
+                fresh[:pending] = self._buffer[self._start : self._end]
+                self._buffer, self._start, self._end = fresh, 0, pending
+            view = memoryview(self._buffer)[self._end :]
+        self._view = view
+        return view
+
+    def _release(self) -> None:
+        # The loop holds the view until buffer_updated returns (uvloop does): released at
+        # the next get_buffer, and a buffer is never resized, only replaced.
+        if self._view is not None:
+            with contextlib.suppress(BufferError):
+                self._view.release()
+            self._view = None
+
+    def buffer_updated(self, nbytes: int) -> list[tuple]:
+        """``(*head_fields_but_lengths, meta, body)`` for every frame these bytes completed."""
+        if self._body is not None:
+            self._filled += nbytes
+            if self._filled < len(self._body):
+                return []
+            frame = (*self._large, bytes(self._body))  # type: ignore[misc]
+            self._large, self._body = None, None
+            return [frame]
+        self._end += nbytes
+        if self._chunks is not None:
+            return self._gather()
+        return self._parse()
+
+    def _gather(self) -> list[tuple]:
+        """The rest of a body too large to preallocate, from the buffer, read by read."""
+        chunks = self._chunks
+        assert chunks is not None
+        take = min(self._missing, self._end - self._start)
+        chunks.append(bytes(self._buffer[self._start : self._start + take]))
+        self._start += take
+        self._missing -= take
+        if self._missing:
+            self._start = self._end = 0
+            return []
+        frames = [(*self._large, b"".join(chunks))]  # type: ignore[misc]
+        self._large, self._chunks = None, None
+        self._need = self._head.size
+        return frames + self._parse()
+
+    def _parse(self) -> list[tuple]:
+        frames: list[tuple] = []
+        buffer, start, end = self._buffer, self._start, self._end
+        head = self._head
+        size = head.size
+        while end - start >= size:
+            fields = head.unpack_from(buffer, start)
+            length = size + fields[-2] + fields[-1]
+            if self._limit is not None:
+                if length > self._limit:
+                    raise FrameTooLarge(f"a frame of {length} bytes, over {self._limit}")
+                self._limit = None
+            meta_at = start + size
+            body_at = meta_at + fields[-2]
+            stop = start + length
+            if stop <= end:
+                frames.append(
+                    (*fields[:-2], bytes(buffer[meta_at:body_at]), bytes(buffer[body_at:stop]))
+                )
+                start = stop
+                continue
+            if fields[-1] >= LARGE_BODY and body_at <= end:
+                self._large = (*fields[:-2], bytes(buffer[meta_at:body_at]))
+                have = end - body_at
+                if fields[-1] <= PREALLOCATE_MAX:
+                    body = self._body = bytearray(fields[-1])
+                    body[:have] = buffer[body_at:end]
+                    self._filled = have
+                else:
+                    self._chunks = [bytes(buffer[body_at:end])]
+                    self._missing = fields[-1] - have
+                self._start = self._end = 0
+                self._need = size
+                return frames
+            # Until its meta is in: a large body then gets a buffer of its own.
+            self._need = length if fields[-1] < LARGE_BODY else body_at - start
+            break
+        else:
+            self._need = size
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
         return frames
 
 

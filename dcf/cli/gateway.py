@@ -141,7 +141,10 @@ def start(
         handoff.reexec_without(ctx, "token", "DCF_TOKEN", "--token-fd")
     import uvicorn
 
+    from dcf import tuning
     from dcf.gateway.app import DEFAULT_MAX_BODY, Settings, create_app
+
+    tuning.tune_malloc()
 
     jobs = _job_settings(callback_allow, job_ttl, job_result_max, job_max, job_max_bytes, port)
     tracing = _trace_settings(otlp_endpoint, trace_sample)

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from dcf import tuning
 from dcf.runtime import tracing
 from dcf.runtime.handler import Invoker, handler_error, load_target
 from dcf.runtime.server import http_app, serve_socket
@@ -77,6 +78,7 @@ def main() -> None:
     # A sandbox's bwrap hands SIGTERM down ignored (so it outlives us and tells our end).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _limit_memory(env.get("DCF_MEMORY_LIMIT"))
+    tuning.tune_malloc()
     status_fd = int(env["DCF_STATUS_FD"]) if env.get("DCF_STATUS_FD") else None
     secret = _read_secret(env.get("DCF_SECRET_FD"))
     function = env.get("DCF_FUNCTION", "handler")

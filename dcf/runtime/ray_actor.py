@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dcf import tuning
 from dcf.runtime import tracing
 from dcf.runtime.handler import Invoker, handler_error, load_target
 from dcf.runtime.ray_sandbox import SandboxedRuntime
@@ -119,6 +120,7 @@ class ReplicaActor:
         self._server: asyncio.AbstractServer | None = None
         self._output = Output()
         self._sandbox: SandboxedRuntime | None = None
+        tuning.tune_malloc()
 
     async def start(self, archive: bytes) -> dict[str, Any]:
         """Unpack the code, load the handler, listen; what the gateway needs to reach it."""

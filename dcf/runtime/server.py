@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from dcf import wire
+from dcf import tuning, wire
 from dcf.runtime.handler import Invoker, Result
 from dcf.runtime.request import Request
 from dcf.runtime.streaming import Items, Stream, StreamOut, content_type, encode
@@ -29,7 +29,7 @@ def make_request(
     )
 
 
-class GatewayConnection(asyncio.Protocol):
+class GatewayConnection(asyncio.BufferedProtocol):
     """Serves the calls the gateway multiplexes on one connection.
 
     Answers written in the same turn of the loop leave in one write, so a
@@ -42,7 +42,11 @@ class GatewayConnection(asyncio.Protocol):
     def __init__(self, invoker: Invoker, info: dict[str, str], secret: bytes | None = None) -> None:
         self._invoker = invoker
         self._info = info
-        self._reader = wire.FrameReader(wire.REQUEST_HEAD)
+        # Until the HELLO, no frame larger than it may be: nothing big is allocated for a
+        # peer that has not proven it is the gateway.
+        self._reader = wire.BufferedFrameReader(
+            wire.REQUEST_HEAD, wire.HELLO_LIMIT if secret is not None else None
+        )
         self._outbox: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -53,6 +57,7 @@ class GatewayConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        tuning.tune_socket(transport.get_extra_info("socket"))
         if self._secret is not None:
             self._loop.call_later(self.HELLO_TIMEOUT, self._refuse_if_unproven)
 
@@ -60,10 +65,9 @@ class GatewayConnection(asyncio.Protocol):
         if self._secret is not None and self._transport is not None:
             self._transport.abort()
 
-    def _prove(self, data: bytes) -> list[tuple]:
+    def _prove(self, frames: list[tuple], nbytes: int) -> list[tuple]:
         """Frames after a valid HELLO; closes the connection on anything else."""
-        self._unproven += len(data)
-        frames = self._reader.feed(data)
+        self._unproven += nbytes
         if not frames:
             if self._unproven > wire.HELLO_LIMIT and self._transport is not None:
                 self._transport.abort()
@@ -77,9 +81,22 @@ class GatewayConnection(asyncio.Protocol):
         self._secret = None
         return frames[1:]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self._reader.buffer_updated(nbytes)
+        except wire.FrameTooLarge:
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if self._secret is not None:
+            frames = self._prove(frames, nbytes)
+        self._serve_frames(frames)
+
+    def _serve_frames(self, frames: list[tuple]) -> None:
         invoker = self._invoker
-        frames = self._prove(data) if self._secret is not None else self._reader.feed(data)
         for call_id, meta, body in frames:
             if meta[0] == wire.CONTROL:
                 self._control(call_id, meta, body)

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 ROOT = "/sys/fs/cgroup"
 GROUP = "dcf"
 PERIOD_US = 100_000
+WEIGHT = 100 * (os.cpu_count() or 1)
+"""cpu.weight of the dcf group and of each replica's (v1: cpu.shares, × 10.24). A group
+competes for CPU as one task of its weight: at the default (100, one task's) a replica
+whose model runs on every core got one core's share, less than the same process
+unsandboxed, whenever anything else on the machine was busy. This weight gives it the
+share of as many tasks as there are cores, as if it were not in a group."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,23 @@ class ReplicaCgroup:
             os.makedirs(path, exist_ok=True)
         self._apply()
 
+    def _weigh(self) -> None:
+        """The CPU share of an unsandboxed process, for the dcf group and this one (WEIGHT)."""
+        if self.version == 2:
+            files = [os.path.join(os.path.dirname(self.dirs[""]), "cpu.weight")]
+            files.append(os.path.join(self.dirs[""], "cpu.weight"))
+            value = str(min(WEIGHT, 10_000))
+        else:
+            files = [os.path.join(os.path.dirname(self.dirs["cpu"]), "cpu.shares")]
+            files.append(os.path.join(self.dirs["cpu"], "cpu.shares"))
+            value = str(WEIGHT * 1024 // 100)
+        for path in files:
+            with contextlib.suppress(OSError):  # no cpu controller here: the default stays
+                _write(path, value)
+
     def _apply(self) -> None:
         lim = self.limits
+        self._weigh()
         if self.version == 2:
             d = self.dirs[""]
             if lim.memory:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from dcf import wire
+from dcf import tuning, wire
 from dcf.gateway.observe import tracing
 from dcf.gateway.routing.stream import IDLE, StreamIn
 
@@ -72,7 +72,7 @@ class CallError(Exception):
         self.retry_after = retry_after
 
 
-class ReplicaChannel(asyncio.Protocol):
+class ReplicaChannel(asyncio.BufferedProtocol):
     """The one connection to a replica; concurrent calls share it, matched by call id."""
 
     def __init__(
@@ -90,7 +90,7 @@ class ReplicaChannel(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[Result]] = {}
         self._streams: dict[int, StreamIn] = {}
         self._ids = itertools.count(1)
-        self._reader = wire.FrameReader(wire.RESPONSE_HEAD)
+        self._reader = wire.BufferedFrameReader(wire.RESPONSE_HEAD)
         self._outbox: list[bytes] = []
         self._last_id = 0
         self._written_upto = 0
@@ -99,8 +99,11 @@ class ReplicaChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        for call_id, status, batch, meta, body in self._reader.feed(data):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for call_id, status, batch, meta, body in self._reader.buffer_updated(nbytes):
             if batch:
                 if batch == wire.STREAM:
                     self._streamed(call_id, status, meta, body)
@@ -240,6 +243,7 @@ class ReplicaLink:
             _keep_alive(transport.get_extra_info("socket"))
         else:
             transport, opened = await loop.create_unix_connection(channel, self.address)
+        tuning.tune_socket(transport.get_extra_info("socket"))
         if self.secret is not None:
             transport.writelines(wire.hello_frame(self.secret))
         return opened
