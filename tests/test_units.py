@@ -100,12 +100,12 @@ def test_queue_hands_a_freed_slot_to_the_oldest_waiter_and_refuses_when_full():
         pool = Pool("f", max_queue=2, timeout=5)
         link = ReplicaLink("a", "/a", 1)
         pool.add(link)
-        first = await pool._acquire()
-        w1 = asyncio.ensure_future(pool._acquire())
-        w2 = asyncio.ensure_future(pool._acquire())
+        first = await pool._wait()
+        w1 = asyncio.ensure_future(pool._wait())
+        w2 = asyncio.ensure_future(pool._wait())
         await asyncio.sleep(0)
         with pytest.raises(CallError) as full:
-            await pool._acquire()
+            await pool._wait()
         assert full.value.status == 429 and full.value.retry_after == 1
         pool._release(first)
         assert await w1 is link and not w2.done()
@@ -120,7 +120,7 @@ def test_no_replica_and_none_coming_is_503():
         pool = Pool("f", max_queue=2, timeout=5)
         pool.unavailable = "the function failed to start"
         with pytest.raises(CallError) as err:
-            await pool._acquire()
+            await pool._wait()
         assert err.value.status == 503 and "failed to start" in err.value.message
 
     asyncio.run(scenario())

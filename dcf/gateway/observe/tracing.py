@@ -42,9 +42,6 @@ V2_MODELS = "/v2/models/"
 """Open Inference Protocol calls, when the gateway's V2 door is wrapped too."""
 _REPLICA_VERSION = re.compile(r".*-v(\d+)-\d+")
 _JOBS = ASYNC_PREFIX + "jobs/"
-QUEUED_NS = 50_000
-"""A wait for a replica slot this long (50 µs) or longer was a wait in the queue: a call
-that finds a free slot gets one in about a microsecond."""
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -141,38 +138,37 @@ class GatewayTracing:
             span.set_status(self._error)
         span.end()
 
-    async def queued(self, acquire: Callable[[], Awaitable[ReplicaLink]]) -> ReplicaLink:
-        """``acquire`` (a replica slot, waiting in the queue if need be); the replica it got
-        goes on the call's span. A call that waited gets a ``queue`` span of its wait,
-        made afterwards from the times, so one that found a free slot costs no span."""
+    async def queued(self, wait: Callable[[], Awaitable[ReplicaLink]]) -> ReplicaLink:
+        """``wait`` for a replica slot in the function's queue, as the call's ``queue`` span.
+
+        Only a call that found no free slot comes here (the router takes a free one
+        itself), so one that did costs no span. A call refused (429, 503) gets its span
+        with ``dcf.refused``."""
         call = _call.get()
         if call is None:
-            return await acquire()
+            return await wait()
         start = time.time_ns()
+        attributes = None
         try:
-            link = await acquire()
+            return await wait()
         except BaseException as exc:
-            refused = getattr(exc, "status", 0) or type(exc).__name__
-            self._queue_span(call, start, {"dcf.refused": refused}, always=True)
+            attributes = {"dcf.refused": getattr(exc, "status", 0) or type(exc).__name__}
             raise
-        self._queue_span(call, start)
+        finally:
+            span = self.tracer.start_span(
+                "queue", context=self._in_span(call), start_time=start, attributes=attributes
+            )
+            span.end()
+
+    def placed(self, link: ReplicaLink) -> None:
+        """The replica (and so the version) a call got goes on the call's span."""
+        call = _call.get()
+        if call is None:
+            return
         call.set_attribute("dcf.replica", link.id)
         version = _REPLICA_VERSION.fullmatch(link.id)
         if version is not None:
             call.set_attribute("dcf.version", int(version.group(1)))
-        return link
-
-    def _queue_span(
-        self, call: Span, start: int, attributes: dict | None = None, always: bool = False
-    ) -> None:
-        end = time.time_ns()
-        if always or end - start >= QUEUED_NS:
-            span = self.tracer.start_span(
-                "queue", context=self._in_span(call), start_time=start, attributes=attributes
-            )
-            span.end(end_time=end)
-
-    # async jobs ------------------------------------------------------------------------
 
     def job_call(
         self, job: Job, call: Callable[..., Awaitable[Result]]

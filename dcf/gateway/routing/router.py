@@ -418,10 +418,17 @@ class Pool:
         if link in self.replicas and link.inflight < link.capacity:
             self._hand_over(link)
 
-    async def _acquire(self) -> ReplicaLink:
+    def _take(self) -> ReplicaLink | None:
+        """A free slot on a replica now, or None: then the call waits (``_wait``)."""
         link = self._pick()
         if link is not None:
             link.inflight += 1
+        return link
+
+    async def _wait(self) -> ReplicaLink:
+        """A slot once one is free: a call with none free now queues (or is refused)."""
+        link = self._take()
+        if link is not None:
             return link
         if not self.replicas and self.unavailable:
             raise CallError(503, f"no replica of {self.function!r} is ready: {self.unavailable}")
@@ -453,10 +460,14 @@ class Pool:
         try:
             async with deadline(self.timeout):
                 while True:
-                    if tracing.active is None:
-                        link = await self._acquire()
-                    else:  # the queue wait in a span (observe/tracing.py)
-                        link = await tracing.active.queued(self._acquire)
+                    link = self._take()
+                    if link is None:
+                        waiting = self._wait
+                        if tracing.active is not None:  # the wait in a span (observe/tracing.py)
+                            waiting = functools.partial(tracing.active.queued, self._wait)
+                        link = await waiting()
+                    if tracing.active is not None:
+                        tracing.active.placed(link)
                     answer = None
                     try:
                         answer = await link.send(method, path, query, headers, body)
