@@ -145,7 +145,9 @@ class Client:
         """Upload and deploy; with ``wait`` return once it is Ready or Failed. ``canary``:
         an update rolled out from that percent of calls (the gateway judges each step)."""
         payload: dict[str, Any] = {
-            "function": spec.model_dump(mode="json"),
+            # What the config says, not every default: a gateway of an older release
+            # refuses the keys it does not know, even those this config never set.
+            "function": spec.model_dump(mode="json", exclude_defaults=True),
             "code": base64.b64encode(pack(directory)).decode(),
         }
         if canary is not None:
