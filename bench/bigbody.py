@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,20 +51,7 @@ def _flames(ctx: Context, url: str, pids: dict[str, int], body: bytes, stem: Pat
     spies = {}
     for key, pid in pids.items():
         out = stem.with_name(f"{stem.name}-{key}.svg")
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "flamegraph"]
-        cmd += ["--duration", str(FLAME_SECONDS), "--nonblocking", "-o", str(out)]
-        spies[key] = (
-            out,
-            subprocess.Popen(
-                cmd,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                # Sampling costs CPU too: on the generator's core, not the servers'.
-                preexec_fn=(lambda: os.sched_setaffinity(0, ctx.cpus.client))
-                if ctx.cpus.pinned
-                else None,
-            ),
-        )
+        spies[key] = (out, util.py_spy(pid, out, "flamegraph", 200, FLAME_SECONDS, ctx.cpus))
     time.sleep(0.5)
     load = ctx.gen.run(url, 8, FLAME_SECONDS - 1, [body], warmup=0)
     files, errors = {}, []

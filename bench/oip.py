@@ -18,12 +18,9 @@ Target: DCF's V2 ≥ 1.5× the better MLServer row's req/s.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -76,26 +73,12 @@ DECLARED = {
 
 
 def venv_dir() -> Path:
-    root = os.environ.get("DCF_BENCH_VENVS")
-    if not root:
-        root = "/work/venvs" if Path("/work/venvs").is_dir() else str(util.ROOT / "build" / "venvs")
-    return Path(root) / "oip-mlserver"
+    return util.venvs_root() / "oip-mlserver"
 
 
 def ensure_venv() -> Path:
     """MLServer's venv, made (or brought up to the requirements file) when it is not current."""
-    venv = venv_dir()
-    stamp = venv / ".dcf-requirements-sha256"
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
-    if (venv / "bin" / "mlserver").exists() and stamp.exists() and stamp.read_text() == digest:
-        return venv
-    util.log(f"oip: installing MLServer into {venv} from {REQUIREMENTS.name} (once)")
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, timeout=1800)
-    stamp.write_text(digest)
-    return venv
+    return util.ensure_venv(venv_dir(), REQUIREMENTS, "oip: MLServer", ready="mlserver")
 
 
 def bodies() -> tuple[bytes, bytes, list[float]]:
@@ -164,8 +147,7 @@ def _check(url: str, body: bytes, row: list[float], v2: bool) -> None:
 
 def _measure(ctx: Context, url: str, body: bytes, pids: list[int]) -> dict:
     before = sum(util.cpu_seconds(p) for p in pids)
-    result = ctx.gen.run(url, CONNS, ctx.echo_duration, [body], warmup=0,
-                         ctype="application/json")
+    result = ctx.gen.run(url, CONNS, ctx.echo_duration, [body], warmup=0, ctype="application/json")
     used = sum(util.cpu_seconds(p) for p in pids) - before
     if result.get("requests"):
         result["cpu_us_per_req"] = round(used * 1e6 / result["requests"], 1)
@@ -174,8 +156,10 @@ def _measure(ctx: Context, url: str, body: bytes, pids: list[int]) -> dict:
 
 def run(ctx: Context) -> dict:
     if not ctx.gen.use_wrk:
-        return {"skipped": "needs wrk (MLServer reads JSON only with Content-Type: "
-                "application/json, which only the wrk generator sends)"}
+        return {
+            "skipped": "needs wrk (MLServer reads JSON only with Content-Type: "
+            "application/json, which only the wrk generator sends)"
+        }
     try:
         venv = ensure_venv()
     except (OSError, subprocess.SubprocessError) as exc:
@@ -228,7 +212,9 @@ def run(ctx: Context) -> dict:
 def _mlserver_version(venv: Path) -> str:
     proc = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import mlserver; print(mlserver.__version__)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return proc.stdout.strip() or "?"
 

@@ -10,10 +10,8 @@ CPU (self, i.e. the leaf frame) and the innermost DCF frame of each sample
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -115,19 +113,7 @@ def _record(
     }
     spies = []
     for pid, path in outputs.values():
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
-        cmd += ["--duration", str(duration), "--nonblocking", "-o", str(path)]
-        spies.append(
-            subprocess.Popen(
-                cmd,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                # Sampling costs CPU too: on the generator's core, not the server's.
-                preexec_fn=(lambda: os.sched_setaffinity(0, ctx.cpus.client))
-                if ctx.cpus.pinned
-                else None,
-            )
-        )
+        spies.append(util.py_spy(pid, path, "raw", 250, duration, ctx.cpus))
     time.sleep(0.5)  # let py-spy attach
     load = ctx.gen.run(url, 8, duration - 1, [body], warmup=0)
     errors = []

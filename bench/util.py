@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -407,3 +408,46 @@ def dumps(data: object) -> str:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def venvs_root() -> Path:
+    """Where the bench keeps its peers' venvs: ``$DCF_BENCH_VENVS``, else a build dir."""
+    root = os.environ.get("DCF_BENCH_VENVS")
+    if not root:
+        root = "/work/venvs" if Path("/work/venvs").is_dir() else str(ROOT / "build" / "venvs")
+    return Path(root)
+
+
+def ensure_venv(venv: Path, requirements: Path, label: str, ready: str = "python") -> Path:
+    """A peer's venv, made (or brought up to ``requirements``) when it is not current.
+
+    Peers pin versions that conflict with DCF's, so each gets a venv of its own; a stamp
+    of the requirements file's digest says whether it is up to date. ``ready``: the file
+    in its ``bin/`` that a finished install has.
+    """
+    stamp = venv / ".dcf-requirements-sha256"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    if (venv / "bin" / ready).exists() and stamp.exists() and stamp.read_text() == digest:
+        return venv
+    log(f"{label}: installing into {venv} from {requirements.name} (once)")
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "-r", str(requirements)], check=True, timeout=1800)
+    stamp.write_text(digest)
+    return venv
+
+
+def py_spy(
+    pid: int, out: Path, fmt: str, rate: int, duration: float, cpus: Cpus
+) -> subprocess.Popen:
+    """``py-spy record`` of ``pid`` into ``out``; sampling costs CPU too, so it runs on
+    the load generator's core, not the servers'."""
+    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", fmt]
+    cmd += ["--duration", str(duration), "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_preexec(cpus.client if cpus.pinned else None),
+    )

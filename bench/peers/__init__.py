@@ -30,12 +30,10 @@ exists, else ``build/venvs``). Their versions are recorded in the results.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,27 +72,13 @@ START_TIMEOUT = 180
 
 
 def venv_root() -> Path:
-    root = os.environ.get("DCF_BENCH_VENVS")
-    if not root:
-        root = "/work/venvs" if Path("/work/venvs").is_dir() else str(util.ROOT / "build" / "venvs")
-    return Path(root) / "dcf-bench"
+    return util.venvs_root() / "dcf-bench"
 
 
 def ensure_venv(peer: str) -> Path:
     """The peer's venv, made (or brought up to its requirements file) when not current."""
     requirements = HERE / f"{peer}-requirements.txt"
-    venv = venv_root() / peer
-    stamp = venv / ".dcf-requirements-sha256"
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
-    if (venv / "bin" / "python").exists() and stamp.exists() and stamp.read_text() == digest:
-        return venv
-    util.log(f"peers: installing {peer} into {venv} from {requirements.name} (once)")
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "-r", str(requirements)], check=True, timeout=1800)
-    stamp.write_text(digest)
-    return venv
+    return util.ensure_venv(venv_root() / peer, requirements, f"peers: {peer}")
 
 
 def versions(venv: Path, packages: list[str]) -> dict[str, str]:
