@@ -226,3 +226,30 @@ def cluster() -> Iterator:
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_with(*markers: str) -> list[int]:
+    """Host pids of the live processes whose command line holds every one of ``markers``.
+
+    Found from outside: a sandboxed process sees neither the host's files nor its pids,
+    so it cannot report its own."""
+    wanted = [m.encode() for m in markers]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if all(m in cmdline for m in wanted) and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found

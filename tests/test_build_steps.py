@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ECHO, GatewayProcess, deploy, write_function
+from tests.conftest import ECHO, GatewayProcess, alive, deploy, processes_with, write_function
 
 READ_BUILT = """
 from pathlib import Path
@@ -25,15 +25,6 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for a parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def wait_dead(pids: list[int], timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while any(alive(p) for p in pids):
@@ -41,27 +32,9 @@ def wait_dead(pids: list[int], timeout: float = 5) -> None:
         time.sleep(0.05)
 
 
-def running(marker: str) -> list[int]:
-    """Host pids of the live processes whose command line holds ``marker``.
-
-    Found from outside, not written by the step: a sandboxed build sees neither the
-    host's files nor its pids.
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in cmdline and alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
 def wait_for_pids(marker: str, count: int, timeout: float = 15) -> list[int]:
     deadline = time.monotonic() + timeout
-    while len(pids := running(marker)) < count:
+    while len(pids := processes_with(marker)) < count:
         assert time.monotonic() < deadline, "the build step never started"
         time.sleep(0.05)
     return pids
@@ -173,7 +146,7 @@ def test_build_timeout_kills_the_command_and_names_the_timeout(gw: GatewayProces
     err = result.stderr.decode()
     assert "did not finish within build_timeout (1s)" in err and "time.sleep(30.25)" in err
     assert "sleeping" in err  # it had started
-    wait_dead(running("time.sleep(30.25)"))
+    wait_dead(processes_with("time.sleep(30.25)"))
 
 
 def test_deleting_a_function_mid_build_kills_its_commands(gw: GatewayProcess, root: Path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ECHO, GatewayProcess, deploy, write_function
+from tests.conftest import ECHO, GatewayProcess, alive, deploy, processes_with, write_function
 
 # helpers ----------------------------------------------------------------------
 
@@ -61,15 +61,6 @@ class HealthProbe:
 def info_of(gw: GatewayProcess, name: str) -> dict:
     with gw.http() as http:
         return http.get(f"/system/function/{name}").json()
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie no parent reaps counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def host_pid(ancestor: int, pid: int) -> int:
@@ -395,16 +386,7 @@ class SilentIndex:
 
 
 def pip_processes(home: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"pip" in cmdline and str(home).encode() in cmdline and alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
+    return processes_with("pip", str(home))
 
 
 def test_install_has_a_timeout_and_dies_with_its_function(tmp_path: Path,
