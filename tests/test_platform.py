@@ -376,6 +376,9 @@ def test_bad_config_files_name_file_function_and_field(gw: GatewayProcess, root:
                         "function 'fn': field 'handler.dir': directory"),
         "bad timeout": ("functions:\n  fn:\n    handler: {dir: ./fn}\n    timeout: soon\n",
                         "field 'timeout': 'soon' is not a duration"),
+        "bad stream idle": ("functions:\n  fn:\n    handler: {dir: ./fn}\n"
+                            "    stream_idle_timeout: 0\n",
+                            "field 'stream_idle_timeout': must be more than zero"),
         "bad name": ("functions:\n  Bad_Name:\n    handler: {dir: ./fn}\n",
                      "is not a valid function name"),
         "top level": ("functoins:\n  fn: {}\n", "unknown key 'functoins'"),
