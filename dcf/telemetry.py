@@ -15,12 +15,12 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 SAMPLERS = (
     "always_on",
@@ -63,6 +63,17 @@ class TraceSettings:
     """For the ``traceidratio`` samplers: the share of new traces kept."""
     forwarded: tuple[tuple[str, str], ...] = ()
     """OTEL_ variables (batching, limits) a replica gets as they were set here."""
+    parent_based: bool = field(init=False)
+    """Whether a caller's sampled flag decides (``parentbased_*``)."""
+    root_ratio: float = field(init=False)
+    """The share of calls with no parent (or, not parent-based, of all calls) traced."""
+
+    def __post_init__(self) -> None:
+        # Decided once: should_sample runs for every call while tracing is on.
+        root = self.sampler.removeprefix("parentbased_")
+        ratio = {"always_on": 1.0, "always_off": 0.0}.get(root, self.ratio)
+        object.__setattr__(self, "parent_based", self.sampler.startswith("parentbased_"))
+        object.__setattr__(self, "root_ratio", ratio)
 
 
 class TracingError(ValueError):
@@ -180,15 +191,10 @@ def parse_traceparent(value: str | None) -> Parent | None:
 
 def should_sample(settings: TraceSettings, parent: Parent | None) -> bool:
     """Whether a call with this caller's context is traced (the sampler's decision)."""
-    sampler = settings.sampler
-    if parent is not None and sampler.startswith("parentbased_"):
+    if parent is not None and settings.parent_based:
         return parent[2]
-    root = sampler.removeprefix("parentbased_")
-    if root == "always_on":
-        return True
-    if root == "always_off":
-        return False
-    return random.random() < settings.ratio
+    ratio = settings.root_ratio
+    return ratio >= 1.0 or (ratio > 0.0 and random.random() < ratio)
 
 
 def traceparent(trace_id: int, span_id: int) -> str:
@@ -210,21 +216,24 @@ def replica_environment(settings: TraceSettings) -> dict[str, str]:
     return env
 
 
-def start_provider(
-    settings: TraceSettings, resource: dict[str, Any], root_sampled: bool, register: bool
-) -> TracerProvider:
-    """An SDK tracer provider exporting to ``settings.endpoint`` in batches, from a thread.
-
-    ``root_sampled``: whether spans started with no parent are kept (the gateway has
-    decided before it starts one); else the sampler of ``settings`` decides. ``register``:
-    made the global provider, so that a handler's own spans (``trace.get_tracer``) go
-    there too. The gateway's is not: FastAPI would then trace every management call.
-    """
-    from opentelemetry import trace
+def span_processor(settings: TraceSettings) -> SpanProcessor:
+    """OpenTelemetry's batch span processor, exporting to ``settings.endpoint`` over
+    OTLP/HTTP from its own thread."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint))
+
+
+def start_provider(
+    settings: TraceSettings, resource: dict[str, Any], processor: SpanProcessor
+) -> TracerProvider:
+    """The global SDK tracer provider, for spans that handler code starts itself
+    (``trace.get_tracer``), exporting through ``processor``; those with no parent are
+    kept as the sampler of ``settings`` says."""
+    from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import (
         ALWAYS_OFF,
         ALWAYS_ON,
@@ -232,30 +241,14 @@ def start_provider(
         TraceIdRatioBased,
     )
 
-    root = settings.sampler.removeprefix("parentbased_")
-    if root_sampled or root == "always_on":
+    if settings.root_ratio >= 1.0:
         chosen = ALWAYS_ON
-    elif root == "always_off":
+    elif settings.root_ratio <= 0.0:
         chosen = ALWAYS_OFF
     else:
         chosen = TraceIdRatioBased(settings.ratio)
-    sampler = ParentBased(chosen) if settings.sampler.startswith("parentbased_") else chosen
+    sampler = ParentBased(chosen) if settings.parent_based else chosen
     provider = TracerProvider(sampler=sampler, resource=Resource.create(resource))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint)))
-    if register:
-        trace.set_tracer_provider(provider)
+    provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
     return provider
-
-
-def parent_context(parent: Parent | None) -> Any:
-    """An OpenTelemetry context whose current span is the caller's (None: a new trace)."""
-    if parent is None:
-        return None
-    from opentelemetry import trace
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-
-    trace_id, span_id, _ = parent
-    context = SpanContext(
-        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(1)
-    )
-    return trace.set_span_in_context(NonRecordingSpan(context))

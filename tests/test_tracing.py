@@ -54,6 +54,13 @@ tracer = trace.get_tracer("test-handler")
 
 
 def Handler(req):
+    if req.input == b"boom":
+        raise RuntimeError("boom")
+    # The handler span is the current span: the handler may annotate it, as any span.
+    current = trace.get_current_span()
+    current.set_attribute("model.name", "plain")
+    current.set_attribute("model.bad", object())  # not a valid value: cleared, as by the SDK
+    current.add_event("model.loaded", {"model.size": 3})
     with tracer.start_as_current_span("inner"):
         return {"trace_id": req.trace_id, "otel": "opentelemetry" in sys.modules}
 """
@@ -123,6 +130,9 @@ class Receiver:
                                 "span_id": span.span_id.hex(),
                                 "parent": span.parent_span_id.hex() or None,
                                 "attributes": _attributes(span.attributes),
+                                "events": {e.name: _attributes(e.attributes) for e in span.events},
+                                "status": span.status.code,  # 0 unset, 1 ok, 2 error
+                                "kind": span.kind,  # 2 server, 3 client, 4 producer, 5 consumer
                                 "start": span.start_time_unix_nano,
                                 "end": span.end_time_unix_nano,
                             }
@@ -254,11 +264,28 @@ def test_a_plain_call_gets_a_handler_span_and_a_new_trace_without_traceparent(
     trace_id = answer["trace_id"]
     assert trace_id and len(trace_id) == 32
     spans = receiver.trace(trace_id, {"POST /function/traced-plain", "handler", "inner"})
-    call = spans["POST /function/traced-plain"]
+    call, handler = spans["POST /function/traced-plain"], spans["handler"]
     assert call["parent"] is None  # a new trace starts at the gateway
-    assert spans["handler"]["parent"] == call["span_id"]
-    assert spans["inner"]["parent"] == spans["handler"]["span_id"]
+    assert (call["kind"], call["status"]) == (2, 0)
+    assert handler["parent"] == call["span_id"]
+    assert spans["inner"]["parent"] == handler["span_id"]
     assert "batch wait" not in spans
+    # What the handler set on its current span is on the handler span.
+    assert handler["attributes"]["model.name"] == "plain"
+    assert handler["attributes"]["model.bad"] is None
+    assert handler["events"] == {"model.loaded": {"model.size": 3}}
+
+    # A handler that raises: both spans are errors.
+    trace_id, _, traceparent = _traceparent()
+    with tgw.http() as http:
+        response = http.post(
+            "/function/traced-plain", content=b"boom", headers={"traceparent": traceparent}
+        )
+    assert response.status_code == 500, response.text
+    spans = receiver.trace(trace_id, {"POST /function/traced-plain", "handler"})
+    assert spans["POST /function/traced-plain"]["status"] == 2
+    assert spans["POST /function/traced-plain"]["attributes"]["http.response.status_code"] == 500
+    assert spans["handler"]["status"] == 2
 
 
 SLOW = """

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from dcf import telemetry
 from dcf.runtime.batching import Batcher
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import SpanContext
 
     from dcf.runtime.handler import Invoker, Result
     from dcf.runtime.request import Request
+    from dcf.spans import RecordedSpan
 
 
 def wrap(invoker: Invoker, info: dict[str, str], env: Mapping[str, str] | None = None) -> Any:
@@ -61,6 +62,8 @@ class TracedInvoker:
         from opentelemetry import context, trace
         from opentelemetry.trace import SpanKind, StatusCode
 
+        from dcf import spans
+
         resource = {
             "service.name": os.environ.get("OTEL_SERVICE_NAME") or info.get("function") or "dcf",
             "service.namespace": "dcf",
@@ -69,10 +72,12 @@ class TracedInvoker:
             resource["service.version"] = info["version"]
         if info.get("replica"):
             resource["service.instance.id"] = info["replica"]
-        self.provider = telemetry.start_provider(
-            settings, resource, root_sampled=False, register=True
-        )
-        self.tracer = self.provider.get_tracer("dcf.runtime")
+        processor = telemetry.span_processor(settings)
+        # The SDK's provider, for the spans handler code starts itself (trace.get_tracer);
+        # DCF's own go straight to the same processor (dcf/spans.py).
+        self.provider = telemetry.start_provider(settings, resource, processor)
+        self.recorder = spans.Recorder(processor, self.provider.resource, "dcf.runtime")
+        self._remote = spans.remote
         self.settings = settings
         self.inline = inner.inline
         self.function = inner.function
@@ -83,12 +88,10 @@ class TracedInvoker:
         self._context, self._in_span = context, trace.set_span_in_context
         self._server, self._error = SpanKind.SERVER, StatusCode.ERROR
         # With no parent, the sampler may only ever say no: skip asking it.
-        root = settings.sampler.removeprefix("parentbased_")
-        self._no_roots = root == "always_off"
-        self._root = context.Context()  # a new trace: no parent, whatever is current
-        self._waiting: dict[int, tuple[Span, Any]] = {}
+        self._no_roots = settings.root_ratio <= 0.0
+        self._waiting: dict[int, tuple[RecordedSpan, SpanContext | None]] = {}
         """Per traced call waiting for its batch (by id of its request): span, parent."""
-        self._handling: dict[int, Span] = {}
+        self._handling: dict[int, RecordedSpan] = {}
         """Per traced call in a running batch: its handler span."""
         if inner.batcher is not None:
             # The batch's start ends each call's wait and starts its handler span.
@@ -99,24 +102,19 @@ class TracedInvoker:
 
     # which calls are traced --------------------------------------------------------------
 
-    def _parent(self, request: Request) -> tuple[bool, Any]:
-        """(traced?, the parent context) for a call: a header lookup when not traced."""
+    def _parent(self, request: Request) -> SpanContext | None | Literal[False]:
+        """False when the call is not traced (a header lookup); else the caller's span it
+        continues, or None for a new trace."""
         value = request.headers.get("traceparent")
         if value is None and self._no_roots:
-            return False, None
+            return False
         parent = telemetry.parse_traceparent(value)
-        if parent is None:
-            return (not self._no_roots), self._root
-        if self.settings.sampler.startswith("parentbased_"):
-            return parent[2], telemetry.parent_context(parent)
-        return True, telemetry.parent_context(parent)  # the sampler decides on the span
+        if not telemetry.should_sample(self.settings, parent):
+            return False
+        return None if parent is None else self._remote(parent)
 
-    def _span(self, request: Request, name: str, parent: Any) -> Span | None:
-        span = self.tracer.start_span(
-            name, context=parent, kind=self._server, attributes=self._attributes
-        )
-        if not span.is_recording():
-            return None
+    def _span(self, request: Request, name: str, parent: SpanContext | None) -> RecordedSpan:
+        span = self.recorder.start(name, parent, self._server, self._attributes)
         if name == "handler":
             span_context = span.get_span_context()
             request.headers["traceparent"] = telemetry.traceparent(
@@ -124,8 +122,8 @@ class TracedInvoker:
             )
         return span
 
-    def _end(self, span: Span, status: int) -> None:
-        span.set_attribute("http.response.status_code", status)
+    def _end(self, span: RecordedSpan, status: int) -> None:
+        span.put("http.response.status_code", status)
         if status >= 500:
             span.set_status(self._error)
         span.end()
@@ -133,10 +131,10 @@ class TracedInvoker:
     # the invoker's interface ---------------------------------------------------------------
 
     def call_now(self, request: Request) -> Result:
-        traced, parent = self._parent(request)
-        span = self._span(request, "handler", parent) if traced else None
-        if span is None:
+        parent = self._parent(request)
+        if parent is False:
             return self._inner.call_now(request)
+        span = self._span(request, "handler", parent)
         token = self._context.attach(self._in_span(span))
         try:
             result = self._inner.call_now(request)
@@ -148,15 +146,20 @@ class TracedInvoker:
     async def __call__(self, request: Request) -> Result:
         return (await self.serve(request))[0]
 
-    async def serve(self, request: Request) -> tuple[Result, int]:
-        traced, parent = self._parent(request)
-        if not traced:
-            return await self._inner.serve(request)
+    def serve(self, request: Request) -> Awaitable[tuple[Result, int]]:
+        # A plain function: a call not traced gets the invoker's own coroutine, with no
+        # frame of ours for its awaits to pass through.
+        parent = self._parent(request)
+        if parent is False:
+            return self._inner.serve(request)
         if self._inner.batcher is not None:
-            return await self._serve_batched(request, parent)
+            return self._serve_batched(request, parent)
+        return self._serve_traced(request, parent)
+
+    async def _serve_traced(
+        self, request: Request, parent: SpanContext | None
+    ) -> tuple[Result, int]:
         span = self._span(request, "handler", parent)
-        if span is None:
-            return await self._inner.serve(request)
         token = self._context.attach(self._in_span(span))
         try:
             answer = await self._inner.serve(request)
@@ -167,10 +170,10 @@ class TracedInvoker:
 
     # batches -------------------------------------------------------------------------------
 
-    async def _serve_batched(self, request: Request, parent: Any) -> tuple[Result, int]:
+    async def _serve_batched(
+        self, request: Request, parent: SpanContext | None
+    ) -> tuple[Result, int]:
         wait = self._span(request, "batch wait", parent)
-        if wait is None:
-            return await self._inner.serve(request)
         key = id(request)
         self._waiting[key] = (wait, parent)
         answer = None
@@ -192,12 +195,11 @@ class TracedInvoker:
             waiting = self._waiting.pop(id(request), None)
             if waiting is not None:
                 wait, parent = waiting
-                wait.set_attribute("dcf.batch.size", size)
+                wait.put("dcf.batch.size", size)
                 wait.end()
                 handler = self._span(request, "handler", parent)
-                if handler is not None:
-                    handler.set_attribute("dcf.batch.size", size)
-                    self._handling[id(request)] = handler
+                handler.put("dcf.batch.size", size)
+                self._handling[id(request)] = handler
             if current is None:
                 current = self._handling.get(id(request))
         if current is None:

@@ -9,7 +9,8 @@ A call's span is started before the data plane sees the call, from the caller's
 ``traceparent`` (continued) or as a new trace; the call then goes on with the span's
 own ``traceparent`` in place of the caller's, so the replica's spans (and a job, which
 stores the call's headers) become its children. A call the sampler leaves out goes on
-untouched, with no span at all: it costs a header lookup.
+untouched, with no span at all: it costs a header lookup and, at a sampling ratio, a
+random number.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dcf import __version__, telemetry
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import SpanContext
 
     from dcf.gateway.jobs.store import Job
     from dcf.gateway.routing.router import ReplicaLink, Result
+    from dcf.spans import RecordedSpan
 
 active: GatewayTracing | None = None
 """Set once at start when tracing is on; None (the check on the hot path) when off."""
 
-_call: ContextVar[Span | None] = ContextVar("dcf_call_span", default=None)
+_call: ContextVar[RecordedSpan | None] = ContextVar("dcf_call_span", default=None)
 """The span of the call (or job run) this task serves, when it is traced."""
 
 # As in routing/invoke.py, which imports the router, which imports this module.
@@ -54,64 +56,69 @@ def start(settings: telemetry.TraceSettings) -> GatewayTracing:
 
 
 class GatewayTracing:
+    """The gateway's spans, as ``dcf.spans.RecordedSpan`` (not the SDK tracer's: each is
+    started only once ``sampled`` said yes), exported by OpenTelemetry's processor."""
+
     def __init__(self, settings: telemetry.TraceSettings) -> None:
         try:
-            from opentelemetry import trace
+            from opentelemetry.sdk.resources import Resource
             from opentelemetry.trace import SpanKind, StatusCode
-        except ImportError as exc:
-            raise ValueError(_missing(exc)) from None
-        resource = {
-            "service.name": os.environ.get("OTEL_SERVICE_NAME") or "dcf-gateway",
-            "service.namespace": "dcf",
-            "service.version": __version__,
-        }
-        try:
-            # Every span here starts after the sampler's decision (``should_sample``).
-            self.provider = telemetry.start_provider(
-                settings, resource, root_sampled=True, register=False
-            )
+
+            from dcf import spans
+
+            processor = telemetry.span_processor(settings)
         except ImportError as exc:
             raise ValueError(_missing(exc)) from None
         self.settings = settings
-        self.tracer = self.provider.get_tracer("dcf.gateway", __version__)
-        self._in_span = trace.set_span_in_context
+        resource = Resource.create(
+            {
+                "service.name": os.environ.get("OTEL_SERVICE_NAME") or "dcf-gateway",
+                "service.namespace": "dcf",
+                "service.version": __version__,
+            }
+        )
+        # Spans of DCF's own: every one starts after should_sample (dcf/spans.py).
+        self.recorder = spans.Recorder(processor, resource, "dcf.gateway", __version__)
+        self._remote = spans.remote
         self._server = SpanKind.SERVER
         self._consumer = SpanKind.CONSUMER
         self._client = SpanKind.CLIENT
         self._error = StatusCode.ERROR
 
     def close(self) -> None:
-        """Export what is left (the SDK does it at exit too)."""
-        self.provider.shutdown()
+        """Export what is left."""
+        self.recorder.processor.shutdown()
+
+    def sampled(self, scope: dict) -> SpanContext | None | Literal[False]:
+        """False when the call is not traced; else the caller's span it continues (its
+        ``traceparent``), or None for a new trace."""
+        parent = None
+        for key, value in scope["headers"]:
+            if key == b"traceparent":
+                parent = telemetry.parse_traceparent(value.decode("latin-1"))
+                break
+        if not telemetry.should_sample(self.settings, parent):
+            return False
+        return None if parent is None else self._remote(parent)
 
     # one call --------------------------------------------------------------------------
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """The data plane with a span around each call the sampler keeps."""
 
-        async def traced(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
-            incoming = None
-            for key, value in scope["headers"]:
-                if key == b"traceparent":
-                    incoming = value.decode("latin-1")
-                    break
-            parent = telemetry.parse_traceparent(incoming)
-            if not telemetry.should_sample(self.settings, parent):
-                await app(scope, receive, send)
-                return
-            await self._serve(app, scope, receive, send, parent)
+        def traced(scope, receive, send) -> Awaitable[None]:  # noqa: ANN001 - ASGI
+            # A plain function: a call not sampled gets ``app``'s own coroutine, with no
+            # frame of ours for each of its awaits to pass through.
+            parent = self.sampled(scope)
+            if parent is False:
+                return app(scope, receive, send)
+            return self._serve(app, scope, receive, send, parent)
 
         return traced
 
     async def _serve(self, app: ASGIApp, scope, receive, send, parent) -> None:  # noqa: ANN001
-        method, path = scope["method"], scope["path"]
-        name, attributes = _describe(method, path)
-        span = self.tracer.start_span(
-            name,
-            context=telemetry.parent_context(parent),
-            kind=self._server,
-            attributes=attributes,
-        )
+        name, attributes = _describe(scope["method"], scope["path"])
+        span = self.recorder.start(name, parent, self._server, attributes)
         scope = dict(scope)
         scope["headers"] = _with_traceparent(scope["headers"], span)
         status = 0
@@ -126,14 +133,14 @@ class GatewayTracing:
         try:
             await app(scope, receive, send_traced)
         except BaseException as exc:
-            span.record_exception(exc)
+            span.record_exception(exc, escaped=True)
             raise
         finally:
             _call.reset(token)
             self._finish(span, status)
 
-    def _finish(self, span: Span, status: int) -> None:
-        span.set_attribute("http.response.status_code", status)
+    def _finish(self, span: RecordedSpan, status: int) -> None:
+        span.put("http.response.status_code", status)
         if status >= 500 or not status:
             span.set_status(self._error)
         span.end()
@@ -155,20 +162,18 @@ class GatewayTracing:
             attributes = {"dcf.refused": getattr(exc, "status", 0) or type(exc).__name__}
             raise
         finally:
-            span = self.tracer.start_span(
-                "queue", context=self._in_span(call), start_time=start, attributes=attributes
-            )
-            span.end()
+            context = call.get_span_context()
+            self.recorder.start("queue", context, attributes=attributes, start_time=start).end()
 
     def placed(self, link: ReplicaLink) -> None:
         """The replica (and so the version) a call got goes on the call's span."""
         call = _call.get()
         if call is None:
             return
-        call.set_attribute("dcf.replica", link.id)
+        call.put("dcf.replica", link.id)
         version = _REPLICA_VERSION.fullmatch(link.id)
         if version is not None:
-            call.set_attribute("dcf.version", int(version.group(1)))
+            call.put("dcf.version", int(version.group(1)))
 
     def job_call(
         self, job: Job, call: Callable[..., Awaitable[Result]]
@@ -180,15 +185,13 @@ class GatewayTracing:
             return call
 
         async def traced(method: str, path: str, query: str, headers: list, body: bytes) -> Result:
-            span = self.tracer.start_span(
-                f"job {job.function}",
-                context=telemetry.parent_context(parent),
-                kind=self._consumer,
-                attributes={
-                    "dcf.function": job.function,
-                    "dcf.job.id": job.id,
-                    "dcf.job.attempt": job.attempts,
-                },
+            attributes = {
+                "dcf.function": job.function,
+                "dcf.job.id": job.id,
+                "dcf.job.attempt": job.attempts,
+            }
+            span = self.recorder.start(
+                f"job {job.function}", self._remote(parent), self._consumer, attributes
             )
             headers = [(k, v) for k, v in headers if k != "traceparent"]
             headers.append(("traceparent", _traceparent(span)))
@@ -215,11 +218,11 @@ class GatewayTracing:
             return deliver
 
         async def traced(url: str, headers: dict[str, str], *args: Any) -> str | None:
-            span = self.tracer.start_span(
+            span = self.recorder.start(
                 f"callback {job.function}",
-                context=telemetry.parent_context(parent),
-                kind=self._client,
-                attributes={"dcf.function": job.function, "dcf.job.id": job.id},
+                self._remote(parent),
+                self._client,
+                {"dcf.function": job.function, "dcf.job.id": job.id},
             )
             headers = {**headers, "traceparent": _traceparent(span)}
             error = None
@@ -227,7 +230,7 @@ class GatewayTracing:
                 error = await deliver(url, headers, *args)
                 return error
             finally:
-                span.set_attribute("dcf.callback.delivered", error is None)
+                span.put("dcf.callback.delivered", error is None)
                 if error is not None:
                     span.set_status(self._error, error)
                 span.end()
@@ -255,12 +258,12 @@ def _describe(method: str, path: str) -> tuple[str, dict[str, Any]]:
     return f"{method} {prefix}{function}", attributes
 
 
-def _traceparent(span: Span) -> str:
+def _traceparent(span: RecordedSpan) -> str:
     context = span.get_span_context()
     return telemetry.traceparent(context.trace_id, context.span_id)
 
 
-def _with_traceparent(headers: list[tuple[bytes, bytes]], span: Span) -> list:
+def _with_traceparent(headers: list[tuple[bytes, bytes]], span: RecordedSpan) -> list:
     """The call's headers with the span's traceparent in place of the caller's."""
     out = [(k, v) for k, v in headers if k != b"traceparent"]
     out.append((b"traceparent", _traceparent(span).encode("latin-1")))
