@@ -179,7 +179,7 @@ def run(ctx: Context) -> dict:
         _wait_socket(sock, replica_framed)
         gw.deploy("echo", echo_dir, "echo_async.py", concurrency=64)
         gw.deploy("echo-sync", echo_dir, "echo_sync.py")  # the seed's form, default concurrency
-        gw_replica = gw.replica_pids("echo")[0]
+        gw_replica = gw.replica_tree("echo")
         status, answer = util.http("POST", gw.function_url("echo"), ECHO_BODY)
         assert status == 200 and answer == ECHO_BODY, (status, answer[:200])
 
@@ -222,7 +222,7 @@ def run(ctx: Context) -> dict:
 
         if not ctx.quick:
             util.log("echo: sync (seed-form) handler through the gateway, default concurrency")
-            sync_pids = {"gateway": gw.pid, "replica": gw.replica_pids("echo-sync")[0]}
+            sync_pids = {"gateway": gw.pid, "replica": gw.replica_tree("echo-sync")}
             sync = [("gateway-sync", gw.function_url("echo-sync"), sync_pids, False)]
             out["gateway-sync"] = {
                 f"c{c}": compare(

@@ -80,6 +80,11 @@ class Gateway:
     def replica_pids(self, name: str) -> list[int]:
         return [r["pid"] for r in self.info(name)["replicas"]["list"] if r.get("pid")]
 
+    def replica_tree(self, name: str) -> list[int]:
+        """Every process of the function's replicas, for CPU accounting: in a sandbox a
+        replica's pid is bwrap's, and the runtime runs below it."""
+        return [d for p in self.replica_pids(name) for d in util.descendants(p)]
+
     def rss_mb(self) -> float | None:
         return util.rss_mb(self.pid)
 

@@ -52,7 +52,12 @@ def run(ctx: Context) -> dict:
             gw.deploy("echo", echo_dir, "echo_async.py", concurrency=64)
             out[mode]["limits"] = gw.info("echo")["replicas"]["list"][0].get("limits")
         rows: list[Target] = [
-            (m, gw.function_url("echo"), {"gateway": gw.pid, "replica": _replica_tree(gw)}, False)
+            (
+                m,
+                gw.function_url("echo"),
+                {"gateway": gw.pid, "replica": gw.replica_tree("echo")},
+                False,
+            )
             for m, gw in gateways.items()
         ]
         for conns in (1, 8):
@@ -76,11 +81,6 @@ def run(ctx: Context) -> dict:
         for gw in gateways.values():
             gw.stop()
         time.sleep(0.2)
-
-
-def _replica_tree(gw: Gateway) -> list[int]:
-    """The replica's processes: in a sandbox the runtime is below bwrap's pid."""
-    return [d for p in gw.replica_pids("echo") for d in util.descendants(p)]
 
 
 def _get(results: dict, *keys: str) -> object:

@@ -153,7 +153,7 @@ def _echo(ctx: Context, gw: Gateway, local: Gateway, cluster: RayCluster) -> tup
         (
             "local",
             local.function_url("echo"),
-            {"gateway": local.pid, "replica": local.replica_pids("echo")[0]},
+            {"gateway": local.pid, "replica": local.replica_tree("echo")},
             False,
         ),
     ]

@@ -231,7 +231,7 @@ def run(ctx: Context) -> dict:
         # their backlog for a while after their run, on the cores the next run uses.
         for mode in [m for m in ORDER if m.removesuffix("-again") in gateways]:
             gw = gateways[mode.removesuffix("-again")]
-            pids = {"gateway": gw.pid, "replica": gw.replica_pids("echo")[0]}
+            pids = {"gateway": gw.pid, "replica": gw.replica_tree("echo")}
             targets.append((mode, gw.function_url("echo"), pids, False))
         before = _sink_counts(sink_url)
         repeats = max(ctx.repeats, 2) if not ctx.quick else 1
