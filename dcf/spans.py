@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -70,8 +70,9 @@ class Recorder:
         return RecordedSpan(self, name, context, parent, kind, attributes, start_time)
 
 
-class RecordedSpan(trace.Span):
-    """A sampled span of DCF's, open until ``end``; OpenTelemetry's ``Span`` API."""
+class RecordedSpan(trace.Span, ReadableSpan):
+    """A sampled span of DCF's, open until ``end``: OpenTelemetry's ``Span`` API, and,
+    ended, the SDK's ``ReadableSpan`` the processor exports (as the SDK's own spans)."""
 
     def __init__(
         self,
@@ -84,6 +85,9 @@ class RecordedSpan(trace.Span):
         start_time: int | None,
     ) -> None:
         self._recorder = recorder
+        self._resource = recorder.resource
+        self._instrumentation_scope = recorder.scope
+        self._instrumentation_info = None
         self._name = name
         self._context = context
         self._parent = parent
@@ -94,17 +98,17 @@ class RecordedSpan(trace.Span):
         self._events: list[Event] = []
         self._links: list[Link] = []
         self._status = _UNSET
-        self._start = start_time or time.time_ns()
-        self._ended = False
+        self._start_time = start_time or time.time_ns()
+        self._end_time: int | None = None
 
     def get_span_context(self) -> SpanContext:
         return self._context
 
     def is_recording(self) -> bool:
-        return not self._ended
+        return self._end_time is None
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if self._ended:
+        if self._end_time is not None:
             return
         attributes = self._attributes
         if type(attributes) is dict:
@@ -123,20 +127,20 @@ class RecordedSpan(trace.Span):
     def add_event(
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
-        if not self._ended and len(self._events) < MAX_EVENTS:
+        if self._end_time is None and len(self._events) < MAX_EVENTS:
             bounded = BoundedAttributes(MAX_ATTRIBUTES, attributes, immutable=True)
             self._events.append(Event(name, bounded, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        if not self._ended and context.is_valid:
+        if self._end_time is None and context.is_valid:
             self._links.append(Link(context, BoundedAttributes(MAX_ATTRIBUTES, attributes)))
 
     def update_name(self, name: str) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended or self._status.status_code is StatusCode.OK:
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
             return  # as the SDK: OK is final
         if isinstance(status, Status):
             self._status = status
@@ -165,27 +169,6 @@ class RecordedSpan(trace.Span):
         self.add_event("exception", {**described, **(attributes or {})}, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        recorder = self._recorder
-        recorder.processor.on_end(
-            ReadableSpan(
-                self._name,
-                self._context,
-                self._parent,
-                recorder.resource,
-                self._attributes,
-                _frozen(self._events),
-                _frozen(self._links),
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start,
-                end_time=end_time or time.time_ns(),
-                instrumentation_scope=recorder.scope,
-            )
-        )
-
-
-def _frozen(items: list) -> Sequence:
-    return tuple(items) if items else ()
+        if self._end_time is None:
+            self._end_time = end_time or time.time_ns()
+            self._recorder.processor.on_end(self)

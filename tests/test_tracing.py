@@ -243,6 +243,8 @@ def test_a_batched_call_is_one_trace_from_the_gateway_through_the_replica(
         assert span["parent"] == call["span_id"], span
         assert span["service"] == "traced-batch"
         assert span["resource"]["service.instance.id"] == attrs["dcf.replica"]
+        assert span["resource"]["service.version"] == "1"
+        assert span["resource"]["dcf.function"] == "traced-batch"
         assert span["attributes"]["dcf.batch.size"] == 1
     assert wait["end"] <= handler["start"]
     assert call["start"] <= wait["start"]

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from random import random
 from typing import TYPE_CHECKING, Any, Literal
 
 from dcf import __version__, telemetry
@@ -70,6 +71,7 @@ class GatewayTracing:
         except ImportError as exc:
             raise ValueError(_missing(exc)) from None
         self.settings = settings
+        self._ratio = settings.root_ratio
         resource = Resource.create(
             {
                 "service.name": os.environ.get("OTEL_SERVICE_NAME") or "dcf-gateway",
@@ -92,14 +94,15 @@ class GatewayTracing:
     def sampled(self, scope: dict) -> SpanContext | None | Literal[False]:
         """False when the call is not traced; else the caller's span it continues (its
         ``traceparent``), or None for a new trace."""
-        parent = None
         for key, value in scope["headers"]:
             if key == b"traceparent":
                 parent = telemetry.parse_traceparent(value.decode("latin-1"))
-                break
-        if not telemetry.should_sample(self.settings, parent):
-            return False
-        return None if parent is None else self._remote(parent)
+                if not telemetry.should_sample(self.settings, parent):
+                    return False
+                return None if parent is None else self._remote(parent)
+        # No caller's context, the common case, decided here (as should_sample would).
+        ratio = self._ratio
+        return None if ratio >= 1.0 or (ratio > 0.0 and random() < ratio) else False
 
     # one call --------------------------------------------------------------------------
 
