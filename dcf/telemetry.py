@@ -2,8 +2,8 @@
 
 Both read the standard OpenTelemetry variables (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_TRACES_SAMPLER`` …), the gateway also its flags. Nothing here imports
-OpenTelemetry: with tracing off no process ever loads it. ``start_provider`` does,
-once, when tracing is on.
+OpenTelemetry: with tracing off no process ever loads it. ``span_processor`` and
+``start_provider`` do, once, when tracing is on.
 
 Sampling is decided here, before any span exists, from the caller's ``traceparent``
 and the sampler: a call that is not sampled costs a header lookup, not the SDK's

@@ -56,6 +56,11 @@ tracer = trace.get_tracer("test-handler")
 def Handler(req):
     if req.input == b"boom":
         raise RuntimeError("boom")
+    if req.input == b"many":  # past the span limits: bounded as the SDK bounds its spans
+        for i in range(1000):
+            trace.get_current_span().set_attribute(f"extra.{i}", "x" * 10_000)
+            trace.get_current_span().add_event(f"event.{i}")
+        return {"trace_id": req.trace_id}
     # The handler span is the current span: the handler may annotate it, as any span.
     current = trace.get_current_span()
     current.set_attribute("model.name", "plain")
@@ -288,6 +293,17 @@ def test_a_plain_call_gets_a_handler_span_and_a_new_trace_without_traceparent(
     assert spans["POST /function/traced-plain"]["status"] == 2
     assert spans["POST /function/traced-plain"]["attributes"]["http.response.status_code"] == 500
     assert spans["handler"]["status"] == 2
+
+    # A handler that sets far more than the limits allow: the span keeps 128 of each.
+    trace_id, _, traceparent = _traceparent()
+    with tgw.http() as http:
+        response = http.post(
+            "/function/traced-plain", content=b"many", headers={"traceparent": traceparent}
+        )
+    assert response.status_code == 200, response.text
+    handler = receiver.trace(trace_id, {"handler"})["handler"]
+    assert len(handler["attributes"]) == 128 and len(handler["events"]) == 128
+    assert handler["attributes"]["http.response.status_code"] == 200
 
 
 SLOW = """
