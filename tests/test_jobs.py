@@ -47,13 +47,15 @@ class RunCounter:
 
     def __init__(self) -> None:
         counts: dict[str, int] = {}
-        lock = threading.Lock()
+        self._counts = counts
+        self._changed = changed = threading.Condition()
 
         class Count(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                with lock:
+                with changed:
                     counts[self.path] = counts.get(self.path, 0) + 1
                     body = str(counts[self.path]).encode()
+                    changed.notify_all()
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -67,6 +69,15 @@ class RunCounter:
 
     def url(self, key: str) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/{key}"
+
+    def wait_runs(self, key: str, runs: int, timeout: float = 30) -> None:
+        """Until the handler has counted ``runs`` runs of ``key``: a job the store calls
+        running may not have reached its handler yet."""
+        with self._changed:
+            reached = self._changed.wait_for(
+                lambda: self._counts.get(f"/{key}", 0) >= runs, timeout
+            )
+        assert reached, f"{key}: {self._counts.get(f'/{key}', 0)} runs, not {runs}"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -254,6 +265,7 @@ def test_graceful_restart_does_not_kill_running_jobs(
     with gateway.http() as http:
         job_id = submit(http, "slowjob", b"1.5", params={"counter": counter.url("runs")})
         wait_state(http, job_id, "running")
+    counter.wait_runs("runs", 1)  # in the handler, not only marked running
     gateway.stop()
     gateway.start()
     with gateway.http() as http:
@@ -270,6 +282,7 @@ def test_gateway_killed_mid_job_runs_it_after_restart(
         running = submit(http, "slowjob", b"1.5", params={"counter": counter.url("runs")})
         wait_state(http, running, "running")
         queued = submit(http, "slowjob", b"0", params={"counter": counter.url("other")})
+    counter.wait_runs("runs", 1)  # in the handler, not only marked running
     assert gateway.proc is not None
     os.kill(gateway.proc.pid, signal.SIGKILL)
     gateway.proc.wait()
