@@ -135,8 +135,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="before each group of runs, wait up to this long for the machine to be under 25%% "
         "busy (other work on a shared machine skews every number)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        metavar="N",
+        help="interleaved rounds per echo row (default 3, 1 with --quick): more rounds steady "
+        "the ratios on a noisy machine",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     args = parser.parse_args(argv)
+    if args.repeats < 0 or args.repeats > 100:
+        parser.error(f"--repeats must be from 1 to 100, not {args.repeats}")
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ssd_wait=args.ssd_wait,
         prefer_wrk=not args.python_gen,
         quiet_wait=args.wait_quiet,
+        rounds=args.repeats,
     )
     if not ctx.gen.use_wrk and not args.python_gen:
         util.log("wrk is not installed (apt-get install -y wrk): using the asyncio generator")

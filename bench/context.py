@@ -27,6 +27,8 @@ class Context:
     ssd_wait: float
     prefer_wrk: bool = True
     quiet_wait: float = 0.0
+    rounds: int = 0
+    """Interleaved rounds per echo row asked for (``--repeats``); 0: the default."""
     results: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,4 +59,6 @@ class Context:
     @property
     def repeats(self) -> int:
         """Interleaved rounds per echo row; the best is reported (see ``echo.best_of``)."""
+        if self.rounds:
+            return self.rounds
         return 1 if self.quick else 3

@@ -234,7 +234,7 @@ def run(ctx: Context) -> dict:
             pids = {"gateway": gw.pid, "replica": gw.replica_tree("echo")}
             targets.append((mode, gw.function_url("echo"), pids, False))
         before = _sink_counts(sink_url)
-        repeats = max(ctx.repeats, 2) if not ctx.quick else 1
+        repeats = ctx.repeats
         util.log(f"tracing: {CONNECTIONS} connections, {repeats} interleaved round(s)")
         rows = _rounds(ctx, targets, repeats)
         after = _sink_counts(sink_url)
