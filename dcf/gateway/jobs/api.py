@@ -388,14 +388,20 @@ class Jobs:
 
     async def _attempt(self, job: Job) -> None:
         name = job.function
-        pool = self.manager.routes.get(name)
-        if pool is None or self._function_gone(job):
+        if self._function_gone(job):
             await self._lose(name, job.generation, job)
             return
         try:
             body = await self._io(self.store.read_body, job.id)
         except FileNotFoundError:
             await self._fail(job, 500, "the job's body is missing from the job store")
+            return
+        # Looked up after the read (as a sync call's after its body): an update or a
+        # rollout may have switched the function's pool meanwhile, and the old one, being
+        # drained, would answer 503 and cost the job an attempt.
+        pool = self.manager.routes.get(name)
+        if pool is None or self._function_gone(job):
+            await self._lose(name, job.generation, job)
             return
         start = time.perf_counter()
         call = pool.call if tracing.active is None else tracing.active.job_call(job, pool.call)

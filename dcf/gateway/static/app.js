@@ -465,6 +465,22 @@ function rolloutBar(rollout) {
       `v${rollout.stable} ${stable}% · v${rollout.canary} ${rollout.share}%`));
 }
 
+// The rollout in progress, on the function's page: its split, its step and the figures
+// of this window, which the judge compares when the interval ends.
+function rolloutDetail(rollout) {
+  if (!rollout || rollout.state !== "running") return null;
+  const side = (label, version, w) => `${label} v${version} ${fmtInt(w.calls)} calls, `
+    + `${fmtInt(w.errors)} errors, p95 ${fmtSeconds(w.p95)}`;
+  const { canary, stable } = rollout.window;
+  return h("div", { class: "alert alert-warn", id: "rollout",
+      dataset: { share: rollout.share, step: rollout.step } },
+    h("strong", {}, `Canary v${rollout.canary} at ${rollout.share}% of calls`),
+    ` · step ${rollout.step + 1} of ${rollout.steps.length} (${rollout.steps.join("% → ")}%)`,
+    rolloutBar(rollout),
+    h("div", { class: "rollout-window" }, `This window: ${side("canary", rollout.canary, canary)}; `
+      + `${side("stable", rollout.stable, stable)}`));
+}
+
 function card(label, value, sub, id) {
   return h("div", { class: "card", id },
     h("div", { class: "card-label" }, label),
@@ -628,6 +644,8 @@ class FunctionView {
       alerts.push(h("div", { class: "alert alert-warn", id: "last-error" },
         h("strong", {}, "Last deploy error"), h("pre", {}, info.last_error)));
     }
+    const rollout = rolloutDetail(info.rollout);
+    if (rollout) alerts.push(rollout);
     this.alerts.replaceChildren(...alerts);
     const rate = errorRate(info.errors, info.invocations);
     this.cards.replaceChildren(
