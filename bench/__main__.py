@@ -138,14 +138,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=0,
         metavar="N",
         help="interleaved rounds per echo row (default 3, 1 with --quick): more rounds steady "
         "the ratios on a noisy machine",
     )
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     args = parser.parse_args(argv)
-    if args.repeats < 0 or args.repeats > 100:
+    if args.repeats is not None and not 1 <= args.repeats <= 100:
         parser.error(f"--repeats must be from 1 to 100, not {args.repeats}")
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         ssd_wait=args.ssd_wait,
         prefer_wrk=not args.python_gen,
         quiet_wait=args.wait_quiet,
-        rounds=args.repeats,
+        rounds=args.repeats or 0,
     )
     if not ctx.gen.use_wrk and not args.python_gen:
         util.log("wrk is not installed (apt-get install -y wrk): using the asyncio generator")

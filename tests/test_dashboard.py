@@ -472,7 +472,7 @@ def test_environment_values_never_reach_the_page(page, gw, tmp_path) -> None:  #
     assert "hunter2-in-the-ui" not in page.content()
 
 
-def test_rollout_bar_on_the_function_row(page, gw, tmp_path) -> None:  # noqa: ANN001
+def test_a_rollout_on_the_function_row_and_page(page, gw, tmp_path) -> None:  # noqa: ANN001
     plan = {"steps": [25, 100], "interval": "60s", "min_calls": 1000}
     deploy(gw, tmp_path, "canaried", ECHO)
     deploy(gw, tmp_path, "canaried", ECHO + "\n# v2\n", update=True, rollout=plan)
