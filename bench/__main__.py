@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         ssd_wait=args.ssd_wait,
         prefer_wrk=not args.python_gen,
         quiet_wait=args.wait_quiet,
-        rounds=args.repeats or 0,
+        rounds=args.repeats,
     )
     if not ctx.gen.use_wrk and not args.python_gen:
         util.log("wrk is not installed (apt-get install -y wrk): using the asyncio generator")

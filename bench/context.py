@@ -27,8 +27,8 @@ class Context:
     ssd_wait: float
     prefer_wrk: bool = True
     quiet_wait: float = 0.0
-    rounds: int = 0
-    """Interleaved rounds per echo row asked for (``--repeats``); 0: the default."""
+    rounds: int | None = None
+    """Interleaved rounds per echo row asked for (``--repeats``); None: the default."""
     results: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -345,3 +345,27 @@ def test_the_judge_compares_the_canary_with_stable_over_one_window():
     )
     # Below the floor, a ratio is noise.
     assert judge(plan, 2, window(100, 0, 0.003), window(500, 0, 0.001)).outcome == "pass"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "101"])
+def test_bench_repeats_out_of_range_is_refused_naming_the_option(value, capsys):
+    from bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["tracing", "--repeats", value])
+    assert exit_.value.code == 2
+    assert f"--repeats must be from 1 to 100, not {value}" in capsys.readouterr().err
+
+
+def test_bench_repeats_sets_the_rounds_of_every_echo_cell():
+    from pathlib import Path
+
+    from bench.__main__ import parse_args
+    from bench.context import Context
+
+    def rounds(*argv: str) -> int:
+        args = parse_args(["tracing", *argv])
+        context = Context(args.quick, False, Path("."), 0, rounds=args.repeats)
+        return context.repeats
+
+    assert (rounds(), rounds("--quick"), rounds("--repeats", "10")) == (3, 1, 10)

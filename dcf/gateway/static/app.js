@@ -472,8 +472,7 @@ function rolloutDetail(rollout) {
   const side = (label, version, w) => `${label} v${version} ${fmtInt(w.calls)} calls, `
     + `${fmtInt(w.errors)} errors, p95 ${fmtSeconds(w.p95)}`;
   const { canary, stable } = rollout.window;
-  return h("div", { class: "alert alert-warn", id: "rollout",
-      dataset: { share: rollout.share, step: rollout.step } },
+  return h("div", { class: "alert alert-warn", id: "rollout" },
     h("strong", {}, `Canary v${rollout.canary} at ${rollout.share}% of calls`),
     ` · step ${rollout.step + 1} of ${rollout.steps.length} (${rollout.steps.join("% → ")}%)`,
     rolloutBar(rollout),
